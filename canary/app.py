@@ -1,0 +1,89 @@
+"""The Flask application factory: configuration, store, CORS, routes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, request
+
+from . import dev, routes
+from .auth import Authenticator
+from .config import Config
+from .memory_store import MemoryStore
+from .sessions import SessionManager
+from .store import Store
+from .websocket import is_upgrade
+
+log = logging.getLogger("canary")
+
+
+def build_store(config: Config) -> Store:
+    """The store `config` selects."""
+    log.warning("CANARY_STORE=memory: sessions and documents live in this process only; nothing is persisted")
+    return MemoryStore(config.seed)
+
+
+def create_app(config: Config | None = None, store: Store | None = None) -> Flask:
+    """Build the service. `config` defaults to the environment's."""
+    config = config or Config.from_env()
+    store = store or build_store(config)
+    app = Flask(__name__)
+    auth = Authenticator(config.jwt_secret)
+    if not auth.enabled:
+        log.warning("JWT_SECRET is not set: the service is OPEN, any caller can act as any user")
+    app.extensions["canary"] = routes.Services(config, SessionManager(store), auth)
+    app.register_blueprint(routes.bp)
+    if config.dev_api:
+        log.warning("CANARY_DEV_API is on: /dev/ lets anyone read and write the store")
+        app.extensions["canary.store"] = store
+        app.register_blueprint(dev.bp)
+    _install_cors(app, config)
+    app.wsgi_app = _PostUpgradeAsGet(app.wsgi_app)  # type: ignore[method-assign]
+    return app
+
+
+class _PostUpgradeAsGet:
+    """Route a POST that asks for a WebSocket upgrade like the GET it stands for.
+
+    RFC 6455 handshakes are GETs (what browsers send) and Werkzeug only routes
+    those to WebSocket rules, but the seed documents POST with upgrade headers.
+    """
+
+    def __init__(self, wsgi_app: Any) -> None:
+        self._wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") == "POST" and is_upgrade(environ):
+            environ["REQUEST_METHOD"] = "GET"
+        return self._wsgi_app(environ, start_response)
+
+
+def _install_cors(app: Flask, config: Config) -> None:
+    origins = config.allowed_origins
+
+    def allowed_origin() -> str | None:
+        origin = request.headers.get("Origin")
+        if origins is None:
+            return "*" if not config.cors_allow_credentials or origin is None else origin
+        return origin if origin in origins else None
+
+    @app.before_request
+    def preflight() -> Response | None:
+        if request.method == "OPTIONS":
+            return Response(status=204)
+        return None
+
+    @app.after_request
+    def cors_headers(response: Response) -> Response:
+        origin = allowed_origin()
+        if origin is None:
+            return response
+        response.headers["Access-Control-Allow-Origin"] = origin
+        if origin != "*":
+            response.vary.add("Origin")
+        response.headers["Access-Control-Allow-Methods"] = config.cors_allow_methods
+        response.headers["Access-Control-Allow-Headers"] = config.cors_allow_headers
+        if config.cors_allow_credentials:
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+        return response

@@ -1,0 +1,151 @@
+"""Service configuration, read once from the environment.
+
+Every setting is validated here, so bad configuration stops start-up with one
+clear line (`ConfigError`) instead of surfacing later as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Heroku-style routers cut a WebSocket that has been idle for 55 s.
+ROUTER_IDLE_CUT_SECONDS = 55
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+
+Seed = dict[str, dict[str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings of one service process."""
+
+    port: int = 8080
+    jwt_secret: str | None = None
+    keepalive_seconds: float = 30.0
+    idle_timeout_seconds: float = 60.0
+    max_message_bytes: int = 64 * 1024
+    client_queue_size: int = 64
+    worker_connections: int = 10_000
+    cors_allow_origin: str = "*"
+    cors_allow_methods: str = "GET, POST, OPTIONS"
+    cors_allow_headers: str = "Authorization, Content-Type"
+    cors_allow_credentials: bool = False
+    store: str = "memory"
+    seed: Seed = field(default_factory=dict)
+    dev_api: bool = False
+
+    @property
+    def allowed_origins(self) -> frozenset[str] | None:
+        """The allowed origins, or None when any origin is allowed."""
+        origins = {o.strip() for o in self.cors_allow_origin.split(",") if o.strip()}
+        return None if "*" in origins or not origins else frozenset(origins)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Read and validate the configuration from `env` (default: os.environ)."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        config = cls(
+            port=reader.integer("PORT", cls.port, low=1, high=65535),
+            jwt_secret=env.get("JWT_SECRET") or None,
+            keepalive_seconds=reader.number("KEEPALIVE_SECONDS", cls.keepalive_seconds),
+            idle_timeout_seconds=reader.number("IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
+            max_message_bytes=reader.integer("MAX_MESSAGE_BYTES", cls.max_message_bytes, low=64),
+            client_queue_size=reader.integer("CLIENT_QUEUE_SIZE", cls.client_queue_size, low=4),
+            worker_connections=reader.integer("WORKER_CONNECTIONS", cls.worker_connections, low=1),
+            cors_allow_origin=env.get("CORS_ALLOW_ORIGIN") or cls.cors_allow_origin,
+            cors_allow_methods=env.get("CORS_ALLOW_METHODS") or cls.cors_allow_methods,
+            cors_allow_headers=env.get("CORS_ALLOW_HEADERS") or cls.cors_allow_headers,
+            cors_allow_credentials=reader.boolean("CORS_ALLOW_CREDENTIALS", False),
+            store=reader.choice("CANARY_STORE", "memory", ("memory",)),
+            seed=_read_seed(env.get("CANARY_SEED")),
+            dev_api=reader.boolean("CANARY_DEV_API", False),
+        )
+        if config.keepalive_seconds >= ROUTER_IDLE_CUT_SECONDS:
+            raise ConfigError(
+                f"KEEPALIVE_SECONDS={config.keepalive_seconds:g} must be below "
+                f"{ROUTER_IDLE_CUT_SECONDS} (routers cut idle WebSockets at {ROUTER_IDLE_CUT_SECONDS} s)"
+            )
+        return config
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def integer(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{name}={value} must be {bounds}")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not value > 0:
+            raise ConfigError(f"{name}={raw} must be greater than 0")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw not in choices:
+            raise ConfigError(f"{name}={raw!r} is not one of: {', '.join(choices)}")
+        return raw
+
+
+def _read_seed(path: str | None) -> Seed:
+    """Load a seed file: ``{"<collection>": {"<docID>": {fields}}}``."""
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"CANARY_SEED={path!r} cannot be read: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"CANARY_SEED={path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(docs, dict) and all(isinstance(d, dict) for d in docs.values())
+        for docs in data.values()
+    ):
+        raise ConfigError(
+            f"CANARY_SEED={path!r} must map collection -> document ID -> fields"
+        )
+    return data

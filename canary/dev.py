@@ -1,0 +1,75 @@
+"""The development API (`CANARY_DEV_API=1`): read and write the store over HTTP,
+and count what the process holds. Used by `make run`'s walk-through and by the
+tests; never enable it in production.
+"""
+
+from __future__ import annotations
+
+import gc
+from datetime import datetime
+from typing import Any
+
+import greenlet
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from .routes import error, services
+from .store import Store
+
+bp = Blueprint("canary_dev", __name__, url_prefix="/dev")
+
+
+def _store() -> Store:
+    return current_app.extensions["canary.store"]
+
+
+def _plain(value: Any) -> Any:
+    """Store values as JSON: timestamps become RFC 3339 strings."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+@bp.get("/documents/<collection>/<doc_id>")
+def get_document(collection: str, doc_id: str) -> Response:
+    data = _store().get(collection, doc_id)
+    if data is None:
+        return error(404, f"{collection}/{doc_id} not found")
+    return jsonify(_plain(data))
+
+
+@bp.put("/documents/<collection>/<doc_id>")
+def put_document(collection: str, doc_id: str) -> Response:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        return error(400, "the body must be a JSON object")
+    _store().set(collection, doc_id, data)
+    return Response(status=204)
+
+
+@bp.delete("/documents/<collection>/<doc_id>")
+def delete_document(collection: str, doc_id: str) -> Response:
+    _store().delete(collection, doc_id)
+    return Response(status=204)
+
+
+@bp.get("/documents/<collection>")
+def query_documents(collection: str) -> Response:
+    """Documents of `collection`, optionally `?field=…&value=…`."""
+    field, value = request.args.get("field"), request.args.get("value")
+    if field is None or value is None:
+        return error(400, "give field and value")
+    return jsonify({d.id: _plain(d.data) for d in _store().query(collection, field, value)})
+
+
+@bp.get("/stats")
+def stats() -> Response:
+    """Live sessions, participants and watches; with ``?greenlets=1``, live greenlets too."""
+    body: dict[str, int] = {**services().sessions.stats(), "store_watches": _store().watch_count()}
+    if request.args.get("greenlets"):
+        body["greenlets"] = sum(1 for o in gc.get_objects()
+                                if isinstance(o, greenlet.greenlet) and not o.dead)
+    return jsonify(body)

@@ -1,0 +1,215 @@
+"""The WebSocket protocol: every message's `type` and exact fields, defined once.
+
+Server messages are built by calling their spec (``MEMBER_JOINED(sessionID=…,
+memberID=…)``), which checks the field set and encodes the JSON once; the
+result is a `Frame` that can be queued to any number of clients. Client frames
+are parsed by `parse_client_frame`. The message reference in docs/protocol.md
+is rendered from these specs (`python -m canary.protocol`) and a test keeps the
+two identical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+#: Close codes the service uses besides the standard ones.
+CLOSE_SESSION_CLOSED = 4000
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC with a `Z`, millisecond precision."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Frame(NamedTuple):
+    """One encoded server message, ready to be written to any number of sockets."""
+
+    type: str
+    text: str
+    coalesce: bool
+
+
+@dataclass(frozen=True)
+class ServerMessage:
+    """A server → client message: its type, exact fields, audience and meaning."""
+
+    type: str
+    fields: tuple[str, ...]
+    audience: str
+    meaning: str
+    #: At most one pending per client: a newer one replaces the queued one.
+    coalesce: bool = False
+
+    def __call__(self, **values: Any) -> Frame:
+        if "time" in self.fields and "time" not in values:
+            values["time"] = utc_now()
+        if values.keys() != set(self.fields):
+            raise TypeError(f"{self.type} takes exactly {self.fields}, got {tuple(values)}")
+        body = {"type": self.type, **{name: values[name] for name in self.fields}}
+        return Frame(self.type, json.dumps(body, separators=(",", ":")), self.coalesce)
+
+
+@dataclass(frozen=True)
+class ClientMessage:
+    """A client → server message: its type and the fields of its `payload`."""
+
+    type: str
+    payload: tuple[str, ...]
+    meaning: str
+
+
+SESSION_CREATED = ServerMessage(
+    "session_created",
+    ("sessionID", "batchID", "role", "time"),
+    "the owner, first message after the upgrade",
+    "The session exists; `role` is `owner`.",
+)
+SESSION_JOINED = ServerMessage(
+    "session_joined",
+    ("sessionID", "role", "ownerID", "members", "time"),
+    "a member, first message after the upgrade",
+    "The member is in; `role` is `member`, `members` lists every member's ID (this one included).",
+)
+MEMBER_JOINED = ServerMessage(
+    "member_joined",
+    ("sessionID", "memberID", "time"),
+    "everyone in the session but that member",
+    "A member joined.",
+)
+MEMBER_LEFT = ServerMessage(
+    "member_left",
+    ("sessionID", "memberID", "time"),
+    "everyone in the session but that member",
+    "A member left (disconnected, timed out, or was dropped as a slow consumer).",
+)
+LABELS_SNAPSHOT = ServerMessage(
+    "labels_snapshot",
+    ("sessionID", "time"),
+    "the client watching that image",
+    "The image's keypoints changed (the first one says the watch is ready). Re-fetch over REST.",
+    coalesce=True,
+)
+BOUNDING_BOXES_SNAPSHOT = ServerMessage(
+    "bounding_boxes_snapshot",
+    ("sessionID", "time"),
+    "the client watching that image",
+    "The image's bounding boxes changed (the first one says the watch is ready). Re-fetch over REST.",
+    coalesce=True,
+)
+KEEPALIVE = ServerMessage(
+    "keepalive",
+    ("role", "sessionID", "time"),
+    "each client, every `KEEPALIVE_SECONDS`",
+    "Keeps routers from cutting an idle connection.",
+)
+SESSION_CLOSED = ServerMessage(
+    "session_closed",
+    ("sessionID", "time"),
+    "every member, when the owner leaves",
+    f"The session is over; the socket then closes with code {CLOSE_SESSION_CLOSED}.",
+)
+PONG = ServerMessage("pong", ("time",), "the client that sent `ping`", "Answer to `ping`.")
+ERROR = ServerMessage(
+    "error",
+    ("code", "message"),
+    "the client that sent a bad frame",
+    "The frame was refused; the connection stays open. Codes: "
+    + ", ".join(f"`{code}`" for code in ("binary_frame", "invalid_json", "invalid_message",
+                                          "unknown_type", "invalid_payload", "watch_failed")),
+)
+
+SET_IMAGE_ID = ClientMessage(
+    "setImageID",
+    ("imageID",),
+    "Watch this image's keypoints and bounding boxes (replacing the previous image's watches).",
+)
+PING = ClientMessage("ping", (), "Ask for a `pong`.")
+
+SERVER_MESSAGES: tuple[ServerMessage, ...] = (
+    SESSION_CREATED, SESSION_JOINED, MEMBER_JOINED, MEMBER_LEFT, LABELS_SNAPSHOT,
+    BOUNDING_BOXES_SNAPSHOT, KEEPALIVE, SESSION_CLOSED, PONG, ERROR,
+)
+CLIENT_MESSAGES: dict[str, ClientMessage] = {m.type: m for m in (SET_IMAGE_ID, PING)}
+
+
+class ProtocolError(Exception):
+    """A client frame that cannot be accepted; answered with an `error` message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def frame(self) -> Frame:
+        """The `error` message that tells the client about it."""
+        return ERROR(code=self.code, message=self.message)
+
+
+class Request(NamedTuple):
+    """A parsed, validated client frame."""
+
+    type: str
+    payload: dict[str, str]
+
+
+def parse_client_frame(data: str | bytes) -> Request:
+    """Validate one client frame or raise `ProtocolError`."""
+    if not isinstance(data, str):
+        raise ProtocolError("binary_frame", "binary frames are not supported; send JSON text")
+    try:
+        message = json.loads(data)
+    except ValueError:
+        raise ProtocolError("invalid_json", "the frame is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("invalid_message", "a message must be a JSON object")
+    kind = message.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_message", "a message needs a string `type`")
+    spec = CLIENT_MESSAGES.get(kind)
+    if spec is None:
+        known = ", ".join(sorted(CLIENT_MESSAGES))
+        raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected one of: {known}")
+    payload: dict[str, str] = {}
+    if spec.payload:
+        raw = message.get("payload")
+        if not isinstance(raw, dict):
+            raise ProtocolError("invalid_payload", f"{kind} needs a `payload` object")
+        for name in spec.payload:
+            value = raw.get(name)
+            if not isinstance(value, str) or not value.strip():
+                raise ProtocolError("invalid_payload", f"{kind} needs a non-empty string `payload.{name}`")
+            payload[name] = value
+    return Request(kind, payload)
+
+
+def message_reference() -> str:
+    """The Markdown message reference (what docs/protocol.md holds)."""
+    lines = [
+        "### Client → server",
+        "",
+        "| type | payload fields | meaning |",
+        "|---|---|---|",
+    ]
+    for c in CLIENT_MESSAGES.values():
+        fields = ", ".join(f"`{f}`" for f in c.payload) or "none"
+        lines.append(f"| `{c.type}` | {fields} | {c.meaning} |")
+    lines += [
+        "",
+        "### Server → client",
+        "",
+        "| type | fields (besides `type`) | sent to | meaning |",
+        "|---|---|---|---|",
+    ]
+    for s in SERVER_MESSAGES:
+        fields = ", ".join(f"`{f}`" for f in s.fields)
+        lines.append(f"| `{s.type}` | {fields} | {s.audience} | {s.meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(message_reference(), end="")

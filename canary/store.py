@@ -1,0 +1,126 @@
+"""The storage interface the session logic talks to, shaped after Firestore.
+
+Documents live in collections and are plain dicts. Uniqueness is decided by
+existence preconditions (`create` fails with `AlreadyExists`), and
+read-check-write by transactions: both hold on real Firestore and on the
+in-memory store. Watches deliver the query's (or document's) current state
+first, then every change, possibly from another OS thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+T = TypeVar("T")
+Data = dict[str, Any]
+
+# Collections, named as the other Canary services name them.
+PROJECTS = "projects"
+BATCHES = "batches"
+USERS = "users"
+SESSIONS = "sessions"
+KEYPOINTS = "keypoints"
+BOUNDING_BOXES = "boundingBoxes"
+#: This service's own: one document per batch with a live session, ID = batch ID.
+#: Its `create` is what makes "one live session per batch" atomic.
+SESSION_LOCKS = "sessionLocks"
+
+_AUTO_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def auto_id() -> str:
+    """A random 20-character document ID, like Firestore's auto-IDs."""
+    return "".join(secrets.choice(_AUTO_ID_ALPHABET) for _ in range(20))
+
+
+class StoreError(Exception):
+    """The store failed (unreachable, refused, …)."""
+
+
+class AlreadyExists(StoreError):
+    """`create` found the document already there."""
+
+
+class NotFound(StoreError):
+    """`update` found no document."""
+
+
+class Document(NamedTuple):
+    id: str
+    data: Data
+
+
+class Watch(ABC):
+    """A live listener; `stop` is idempotent and safe from any thread."""
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+
+class Transaction(ABC):
+    """Reads see the store as of the transaction; writes apply together at commit."""
+
+    @abstractmethod
+    def get(self, collection: str, doc_id: str) -> Data | None: ...
+
+    @abstractmethod
+    def create(self, collection: str, doc_id: str, data: Data) -> None: ...
+
+    @abstractmethod
+    def set(self, collection: str, doc_id: str, data: Data) -> None: ...
+
+    @abstractmethod
+    def update(self, collection: str, doc_id: str, fields: Data) -> None: ...
+
+    @abstractmethod
+    def delete(self, collection: str, doc_id: str) -> None: ...
+
+
+QueryCallback = Callable[[list[Document]], None]
+DocumentCallback = Callable[[Data | None], None]
+
+
+class Store(ABC):
+    """Documents, transactions and realtime watches."""
+
+    @abstractmethod
+    def get(self, collection: str, doc_id: str) -> Data | None:
+        """The document's fields, or None."""
+
+    @abstractmethod
+    def query(self, collection: str, field: str, value: Any) -> list[Document]:
+        """Documents whose `field == value`."""
+
+    @abstractmethod
+    def set(self, collection: str, doc_id: str, data: Data) -> None:
+        """Create or replace a document."""
+
+    @abstractmethod
+    def delete(self, collection: str, doc_id: str) -> None:
+        """Delete a document; deleting a missing one is not an error."""
+
+    @abstractmethod
+    def transaction(self, fn: Callable[[Transaction], T]) -> T:
+        """Run `fn` in a transaction (retried on contention) and commit its writes.
+
+        Raises `AlreadyExists` / `NotFound` when a write's precondition fails.
+        """
+
+    @abstractmethod
+    def watch_query(self, collection: str, field: str, value: Any, callback: QueryCallback) -> Watch:
+        """Call `callback` with the matching documents now and on every change."""
+
+    @abstractmethod
+    def watch_document(self, collection: str, doc_id: str, callback: DocumentCallback) -> Watch:
+        """Call `callback` with the document (None when missing) now and on every change."""
+
+    @abstractmethod
+    def watch_count(self) -> int:
+        """How many watches are open (listeners at the store boundary)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default holds none."""

@@ -1,0 +1,160 @@
+"""Accepting a WebSocket on a WSGI request, with simple-websocket's server.
+
+flask-sock's `route` performs the handshake before the view runs, so a view
+could never refuse with a real HTTP status; here the view validates first and
+calls `accept` last. Three things simple-websocket leaves to us are fixed here:
+
+* it writes with `socket.send`, which may write part of a frame; every write
+  goes through `_Socket.send`, a locked `sendall` with a timeout, so the
+  writer greenlet, pongs and pings never interleave and a peer that stops
+  reading cannot block a writer forever;
+* it accepts permessage-deflate whenever offered (every browser does), which
+  costs 5x the memory and 3x the CPU for tiny JSON; the offer is removed from
+  the request before the handshake;
+* it closes the socket at once after a close frame, which can reset the
+  connection before the peer read that frame; `_Socket.close` lingers.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+from flask import Response
+from simple_websocket import ConnectionClosed, Server
+
+__all__ = ["Connection", "ConnectionClosed", "accept", "is_upgrade"]
+
+_LINGER_SECONDS = 1.0
+
+
+def is_upgrade(environ: dict[str, Any]) -> bool:
+    """Whether the request asks to upgrade to a WebSocket."""
+    connection = environ.get("HTTP_CONNECTION", "").lower()
+    return (environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+            and any(token.strip() == "upgrade" for token in connection.split(",")))
+
+
+class _Socket:
+    """The socket as simple-websocket sees it: whole, serialised, bounded writes."""
+
+    def __init__(self, sock: socket.socket, write_timeout: float) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()  # a greenlet lock once gevent has patched threading
+        sock.settimeout(write_timeout)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv(self, size: int) -> bytes:
+        return self._sock.recv(size)
+
+    def send(self, data: bytes) -> int:
+        with self._lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    def abort(self) -> None:
+        """Cut the connection now; blocked reads and writes fail at once."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Half-close, read what the peer still sends for a moment, then close."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            while (left := deadline - time.monotonic()) > 0:
+                self._sock.settimeout(left)
+                if not self._sock.recv(4096):
+                    break
+        except OSError:
+            pass
+        self._sock.close()
+
+
+class Connection:
+    """One accepted WebSocket."""
+
+    def __init__(self, environ: dict[str, Any], *, ping_interval: float, max_message_bytes: int,
+                 write_timeout: float) -> None:
+        if "gunicorn.socket" not in environ:
+            raise RuntimeError("WebSockets need gunicorn's gevent worker (no gunicorn.socket in environ)")
+        # Refuse permessage-deflate: simple-websocket has no option for it.
+        environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        self._socket = _Socket(environ["gunicorn.socket"], write_timeout)
+        environ = {**environ, "gunicorn.socket": self._socket}
+        self._ws = Server(environ, ping_interval=ping_interval, max_message_size=max_message_bytes)
+        self._interrupted = False
+
+    @property
+    def close_code(self) -> int:
+        """The close code received or sent (1005 while none)."""
+        return int(self._ws.close_reason)
+
+    def receive(self) -> str | bytes:
+        """The next message; raises `ConnectionClosed` once the connection is closed or interrupted."""
+        # simple-websocket's own receive() cannot be woken without closing the socket.
+        ws = self._ws
+        while True:
+            if self._interrupted:
+                raise ConnectionClosed(ws.close_reason, ws.close_message)
+            if ws.input_buffer:
+                return ws.input_buffer.pop(0)
+            if not ws.connected:
+                raise ConnectionClosed(ws.close_reason, ws.close_message)
+            ws.event.wait()
+            ws.event.clear()
+
+    def interrupt(self) -> None:
+        """Make `receive` raise `ConnectionClosed` now, whatever is still buffered."""
+        self._interrupted = True
+        self._ws.event.set()
+
+    def send(self, text: str) -> None:
+        """Write one text message; raises `ConnectionClosed` or `OSError`."""
+        self._ws.send(text)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame (if still open) and wake the receiver."""
+        try:
+            self._ws.close(code, reason)
+            self._ws.close_reason = code
+        except (ConnectionClosed, OSError):
+            pass
+        self.interrupt()
+
+    def abort(self) -> None:
+        """Drop the connection without a close handshake (the peer is not reading)."""
+        self._socket.abort()
+        self.interrupt()
+
+    def finish(self, timeout: float) -> None:
+        """Wait for the close handshake to end, cutting the connection if it does not."""
+        self._ws.thread.join(timeout)
+        if self._ws.thread.is_alive():
+            self.abort()
+            self._ws.thread.join(timeout)
+
+
+class _AlreadyHandled(Response):
+    """Tells gunicorn the socket was taken over: nothing more to write, close it."""
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        raise StopIteration
+
+
+def handled() -> Response:
+    """The WSGI response to return once a WebSocket has been served."""
+    return _AlreadyHandled()
+
+
+def accept(environ: dict[str, Any], *, ping_interval: float, max_message_bytes: int,
+           write_timeout: float) -> Connection:
+    """Complete the handshake (send the 101) and return the connection."""
+    return Connection(environ, ping_interval=ping_interval, max_message_bytes=max_message_bytes,
+                      write_timeout=write_timeout)
