@@ -1,0 +1,245 @@
+"""Fixtures: the real service under gunicorn's gevent worker, and real WebSocket clients."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websocket
+
+ROOT = Path(__file__).resolve().parent.parent
+RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+TIMEOUT = 10.0
+
+_ids = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """An ID no other test uses (servers are shared between tests)."""
+    return f"{prefix}-{os.getpid()}-{next(_ids)}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {result!r})")
+        time.sleep(0.02)
+
+
+@dataclass
+class Server:
+    """A running `gunicorn -c gunicorn.conf.py wsgi:app`."""
+
+    port: int
+    process: subprocess.Popen[str]
+    log_path: Path
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.http + path, data=data, method=method, headers=headers or {})
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    # -- the store, through the dev API ---------------------------------------
+    def doc(self, collection: str, doc_id: str) -> dict[str, Any] | None:
+        status, _, body = self.request("GET", f"/dev/documents/{collection}/{doc_id}")
+        if status == 404:
+            return None
+        assert status == 200, body
+        return json.loads(body)
+
+    def put(self, collection: str, doc_id: str, data: dict[str, Any]) -> None:
+        status, _, body = self.request("PUT", f"/dev/documents/{collection}/{doc_id}", data)
+        assert status == 204, body
+
+    def stats(self, greenlets: bool = False) -> dict[str, int]:
+        status, _, body = self.request("GET", "/dev/stats" + ("?greenlets=1" if greenlets else ""))
+        assert status == 200, body
+        return json.loads(body)
+
+    def batch(self, owner: str | None = None) -> tuple[str, str]:
+        """A new project owned by `owner` and a batch in it: (batch ID, owner ID)."""
+        owner = owner or unique("owner")
+        project, batch = unique("project"), unique("batch")
+        self.put("users", owner, {"email": f"{owner}@example.com"})
+        self.put("projects", project, {"userID": owner, "projectName": "P", "lastUpdated": "2026-01-01"})
+        self.put("batches", batch, {"projectID": project, "batchName": "B"})
+        return batch, owner
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(tmp: Path, **env: str) -> Server:
+    port = free_port()
+    log_path = tmp / f"server-{port}.log"
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CANARY_", "JWT_", "CORS_"))},
+        "PORT": str(port),
+        "CANARY_STORE": "memory",
+        "CANARY_DEV_API": "1",
+        "WEB_CONCURRENCY": "1",
+        "LOG_LEVEL": "DEBUG",
+        **env,
+    }
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+    server = Server(port, process, log_path)
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            return server.request("GET", "/health")[0] == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout=30, what="the server to answer /health")
+    return server
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """Start servers with extra environment; all are stopped at the end of the run."""
+    started: list[Server] = []
+    tmp = tmp_path_factory.mktemp("servers")
+
+    def start(**env: str) -> Server:
+        server = start_server(tmp, **env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(server_factory: Callable[..., Server]) -> Server:
+    """The shared server with default settings (tests use their own batch IDs)."""
+    return server_factory()
+
+
+class Refused(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(f"{status} {body}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class Client:
+    """A real WebSocket client (websocket-client), with helpers to read the protocol."""
+
+    ws: websocket.WebSocket
+    welcome: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def connect(cls, url: str, *, welcome: bool = True, **options: Any) -> Client:
+        if "origin" not in options:
+            options["suppress_origin"] = True  # like a non-browser client
+        try:
+            ws = websocket.create_connection(url, timeout=TIMEOUT, **options)
+        except websocket.WebSocketBadStatusException as e:
+            raise Refused(e.status_code, json.loads(e.resp_body)) from None
+        client = cls(ws)
+        if welcome:
+            client.welcome = client.recv()
+        return client
+
+    def send(self, message: Any) -> None:
+        self.ws.send(message if isinstance(message, str) else json.dumps(message))
+
+    def recv(self, timeout: float = TIMEOUT, skip: tuple[str, ...] = ("keepalive",)) -> dict[str, Any]:
+        """The next message (skipping keepalives by default), checked for a well-formed `time`."""
+        self.ws.settimeout(timeout)
+        while True:
+            opcode, data = self.ws.recv_data()
+            assert opcode == websocket.ABNF.OPCODE_TEXT, f"unexpected frame {opcode} {data!r}"
+            message = json.loads(data)
+            if "time" in message:
+                assert RFC3339_Z.match(message["time"]), message
+            if message.get("type") not in skip:
+                return message
+
+    def roundtrip(self) -> None:
+        """Ping and wait for the pong: every message queued before it has arrived."""
+        self.send({"type": "ping"})
+        message = self.recv()
+        assert message["type"] == "pong", f"expected nothing before the pong, got {message}"
+
+    def closed_with(self, timeout: float = TIMEOUT, skip: tuple[str, ...] = ("keepalive",)) -> int:
+        """Read until the close frame and return its code (1006 if the TCP connection just ended)."""
+        self.ws.settimeout(timeout)
+        while True:
+            try:
+                frame = self.ws.recv_frame()
+            except (websocket.WebSocketConnectionClosedException, ConnectionError):
+                return 1006
+            if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+                return struct.unpack("!H", frame.data[:2])[0] if len(frame.data) >= 2 else 1005
+            if frame.opcode == websocket.ABNF.OPCODE_TEXT:
+                message = json.loads(frame.data)
+                assert message["type"] in skip, f"expected the close, got {message}"
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def owner_url(server: Server, batch: str, user: str) -> str:
+    return f"{server.ws}/sessions/{batch}?userID={user}"
+
+
+def join_url(server: Server, session: str, user: str) -> str:
+    return f"{server.ws}/sessions/{session}/join?userID={user}"
