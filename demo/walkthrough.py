@@ -1,0 +1,71 @@
+"""A session from start to end against `make run` (demo data, dev API on).
+
+    .venv/bin/python demo/walkthrough.py [http://127.0.0.1:8080]
+
+alice (the owner of project-1) opens a session on batch-1, bob and carol join,
+bob watches image-1, a keypoint of image-1 changes, carol leaves, alice
+leaves. Every message each client receives is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+
+from simple_websocket import Client, ConnectionClosed
+
+BASE = (sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080").rstrip("/")
+WS = "ws" + BASE.removeprefix("http")
+
+
+def receive(name: str, client: Client) -> dict:
+    message = json.loads(client.receive(timeout=5))
+    print(f"{name:>6} <- {json.dumps(message)}")
+    return message
+
+
+def main() -> None:
+    alice = Client.connect(f"{WS}/sessions/batch-1?userID=alice")
+    session = receive("alice", alice)["sessionID"]
+
+    bob = Client.connect(f"{WS}/sessions/{session}/join?userID=bob")
+    receive("bob", bob)
+    receive("alice", alice)  # member_joined bob
+
+    carol = Client.connect(f"{WS}/sessions/{session}/join?userID=carol")
+    receive("carol", carol)
+    receive("alice", alice)  # member_joined carol
+    receive("bob", bob)
+
+    print("   bob -> setImageID image-1")
+    bob.send(json.dumps({"type": "setImageID", "payload": {"imageID": "image-1"}}))
+    receive("bob", bob)  # the first labels_snapshot …
+    receive("bob", bob)  # … and bounding_boxes_snapshot: the watch is ready
+
+    print("  (dev) PUT keypoints/kp-2 on image-1")
+    request = urllib.request.Request(
+        f"{BASE}/dev/documents/keypoints/kp-2", method="PUT",
+        data=json.dumps({"imageID": "image-1", "keypointID": "kp-2", "position": {"x": 3, "y": 4},
+                         "boundingBoxID": "bb-1", "keypointLabelID": "eye"}).encode(),
+        headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).close()
+    receive("bob", bob)  # labels_snapshot
+
+    print(" carol leaves")
+    carol.close()
+    receive("alice", alice)  # member_left carol
+    receive("bob", bob)
+
+    print(" alice leaves: the session ends")
+    alice.close()
+    receive("bob", bob)  # session_closed
+    try:
+        bob.receive(timeout=5)
+    except ConnectionClosed:
+        pass
+    print(f"   bob: closed with code {bob.close_reason}")
+
+
+if __name__ == "__main__":
+    main()
