@@ -1,16 +1,22 @@
-"""gunicorn settings: one gevent worker per process, bound to $PORT.
+"""gunicorn settings: gevent workers bound to $PORT.
 
-The configuration is validated here, in the master, so a bad setting stops
-start-up with one clear line before any worker boots.
+The configuration is validated and the JWT secret read here, in the master,
+so a bad setting or an unreadable secret stops start-up with one clear line
+before any worker boots.
 """
 
 import os
 import sys
 
+from canary import jwt_secret
 from canary.config import Config, ConfigError
 
 try:
     _config = Config.from_env()
+    # Read once here, before the fork; workers inherit it as JWT_SECRET (like the Go service).
+    _secret = jwt_secret.load(os.environ)
+    if _secret is not None:
+        os.environ["JWT_SECRET"] = _secret
 except ConfigError as e:
     sys.stderr.write(f"canary: configuration error: {e}\n")
     sys.exit(2)

@@ -19,9 +19,21 @@ log = logging.getLogger("canary")
 
 
 def build_store(config: Config) -> Store:
-    """The store `config` selects."""
-    log.warning("CANARY_STORE=memory: sessions and documents live in this process only; nothing is persisted")
-    return MemoryStore(config.seed)
+    """The store `config` selects; raises `StoreError` if Firestore does not answer."""
+    if config.store == "memory":
+        log.warning("CANARY_STORE=memory: sessions and documents live in this process only; nothing is persisted")
+        return MemoryStore(config.seed)
+    from .firestore_store import FirestoreStore  # imports gRPC: only when used
+
+    store = FirestoreStore.connect(config.firestore_project, config.firestore_database)
+    store.check()
+    for collection, docs in config.seed.items():
+        for doc_id, data in docs.items():
+            store.set(collection, doc_id, data)
+    where = config.firestore_emulator_host or "Google Cloud"
+    log.info("store: Firestore project %s database %s on %s", config.firestore_project,
+             config.firestore_database, where)
+    return store
 
 
 def create_app(config: Config | None = None, store: Store | None = None) -> Flask:

@@ -39,6 +39,9 @@ class Config:
     cors_allow_headers: str = "Authorization, Content-Type"
     cors_allow_credentials: bool = False
     store: str = "memory"
+    gcp_project_id: str | None = None
+    firestore_database: str = "(default)"
+    firestore_emulator_host: str | None = None
     seed: Seed = field(default_factory=dict)
     dev_api: bool = False
 
@@ -65,16 +68,34 @@ class Config:
             cors_allow_methods=env.get("CORS_ALLOW_METHODS") or cls.cors_allow_methods,
             cors_allow_headers=env.get("CORS_ALLOW_HEADERS") or cls.cors_allow_headers,
             cors_allow_credentials=reader.boolean("CORS_ALLOW_CREDENTIALS", False),
-            store=reader.choice("CANARY_STORE", "memory", ("memory",)),
+            store=reader.choice("CANARY_STORE", _default_store(env), ("memory", "firestore")),
+            gcp_project_id=env.get("GCP_PROJECT_ID", "").strip() or None,
+            firestore_database=env.get("FIRESTORE_DATABASE", "").strip() or cls.firestore_database,
+            firestore_emulator_host=env.get("FIRESTORE_EMULATOR_HOST", "").strip() or None,
             seed=_read_seed(env.get("CANARY_SEED")),
             dev_api=reader.boolean("CANARY_DEV_API", False),
         )
+        if config.store == "firestore" and not (config.gcp_project_id or config.firestore_emulator_host):
+            raise ConfigError("CANARY_STORE=firestore needs GCP_PROJECT_ID (or FIRESTORE_EMULATOR_HOST)")
+        if config.seed and config.store == "firestore" and not config.firestore_emulator_host:
+            raise ConfigError("CANARY_SEED writes documents at start: allowed with the memory store "
+                              "or a Firestore emulator (FIRESTORE_EMULATOR_HOST), never a real project")
         if config.keepalive_seconds >= ROUTER_IDLE_CUT_SECONDS:
             raise ConfigError(
                 f"KEEPALIVE_SECONDS={config.keepalive_seconds:g} must be below "
                 f"{ROUTER_IDLE_CUT_SECONDS} (routers cut idle WebSockets at {ROUTER_IDLE_CUT_SECONDS} s)"
             )
         return config
+
+
+    @property
+    def firestore_project(self) -> str:
+        """The Firestore project: GCP_PROJECT_ID, or a demo project on an emulator."""
+        return self.gcp_project_id or "demo-canary"
+
+
+def _default_store(env: Mapping[str, str]) -> str:
+    return "firestore" if env.get("GCP_PROJECT_ID") or env.get("FIRESTORE_EMULATOR_HOST") else "memory"
 
 
 class _Reader:

@@ -221,19 +221,23 @@ class SessionManager:
         participant.watches.stop()
         sid = participant.session_id
         live = self._live.get(sid)
+        # The store is written before anyone is told, so a client that reacts to a
+        # message (re-fetching members, say) reads the new state.
         if participant.is_owner:
-            if live is not None and live.owner is participant:
+            owned = live is not None and live.owner is participant
+            if owned:
                 del self._live[sid]
-                for member in live.members.values():
-                    self._close_member(member)
             self._delete_session(sid, participant.admission.batch_id)
+            if owned:
+                for member in list(live.members.values()):
+                    self._close_member(member)
             return
         if live is None or live.members.get(participant.user_id) is not participant:
             return  # the session ended first; its teardown removed everything
         del live.members[participant.user_id]
+        self._remove_member(sid, participant.user_id)
         self._broadcast(live.everyone_but(participant.user_id),
                         protocol.MEMBER_LEFT(sessionID=sid, memberID=participant.user_id))
-        self._remove_member(sid, participant.user_id)
 
     def stats(self) -> dict[str, int]:
         """Counts of what this process holds, for monitoring and tests."""

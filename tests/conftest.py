@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,71 @@ def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str =
         time.sleep(0.02)
 
 
+EMULATOR_DIR = ROOT / "tests" / "emulator"
+#: Why read-modify-write races are not tested on the bundled emulator.
+EMULATOR_GAP = ("@firestore-emulator/server does not isolate transactions (concurrent read-modify-write "
+                "transactions lose updates, with no retry); set FIRESTORE_EMULATOR_HOST to an emulator "
+                "that does to run this test on Firestore")
+
+
+@dataclass
+class Emulator:
+    """A Firestore emulator: the bundled one (started here) or an external one."""
+
+    host: str
+    process: subprocess.Popen[str] | None = None
+
+    @property
+    def bundled(self) -> bool:
+        return self.process is not None
+
+    @classmethod
+    def start(cls, tmp: Path, port: int | None = None) -> Emulator:
+        port = port or free_port()
+        log = (tmp / f"emulator-{port}.log").open("w")
+        process = subprocess.Popen(["node", str(EMULATOR_DIR / "start.js"), str(port)], cwd=EMULATOR_DIR,
+                                   stdout=log, stderr=subprocess.STDOUT, text=True)
+        emulator = cls(f"127.0.0.1:{port}", process)
+
+        def listening() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"the emulator exited with {process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, timeout=30, what="the Firestore emulator")
+        return emulator
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def client(self) -> Any:
+        """A google-cloud-firestore client on this emulator, for the tests themselves."""
+        from google.cloud import firestore
+
+        os.environ["FIRESTORE_EMULATOR_HOST"] = self.host
+        return firestore.Client(project=FIRESTORE_PROJECT)
+
+
+FIRESTORE_PROJECT = "demo-canary-tests"
+
+
+def _plain(value: Any) -> Any:
+    """Documents as the dev API renders them: timestamps as ISO strings."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 @dataclass
 class Server:
     """A running `gunicorn -c gunicorn.conf.py wsgi:app`."""
@@ -58,6 +124,8 @@ class Server:
     port: int
     process: subprocess.Popen[str]
     log_path: Path
+    kind: str = "memory"
+    firestore: Any = None  # the tests' own Firestore client, when kind == "firestore"
 
     @property
     def http(self) -> str:
@@ -82,8 +150,11 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
 
-    # -- the store, through the dev API ---------------------------------------
+    # -- the store: Firestore itself, or the memory store through the dev API --------
     def doc(self, collection: str, doc_id: str) -> dict[str, Any] | None:
+        if self.firestore is not None:
+            snapshot = self.firestore.collection(collection).document(doc_id).get()
+            return _plain(snapshot.to_dict()) if snapshot.exists else None
         status, _, body = self.request("GET", f"/dev/documents/{collection}/{doc_id}")
         if status == 404:
             return None
@@ -91,6 +162,9 @@ class Server:
         return json.loads(body)
 
     def put(self, collection: str, doc_id: str, data: dict[str, Any]) -> None:
+        if self.firestore is not None:  # as another Canary service would write it
+            self.firestore.collection(collection).document(doc_id).set(data)
+            return
         status, _, body = self.request("PUT", f"/dev/documents/{collection}/{doc_id}", data)
         assert status == 204, body
 
@@ -118,24 +192,28 @@ class Server:
                 self.process.wait()
 
 
-def start_server(tmp: Path, **env: str) -> Server:
+def start_server(tmp: Path, emulator: Emulator | None = None, **env: str) -> Server:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("CANARY_", "JWT_", "CORS_"))},
         "PORT": str(port),
-        "CANARY_STORE": "memory",
+        "CANARY_STORE": "memory" if emulator is None else "firestore",
         "CANARY_DEV_API": "1",
         "WEB_CONCURRENCY": "1",
         "LOG_LEVEL": "DEBUG",
         **env,
     }
+    full_env.pop("FIRESTORE_EMULATOR_HOST", None)
+    if emulator is not None:
+        full_env.update(FIRESTORE_EMULATOR_HOST=emulator.host, GCP_PROJECT_ID=FIRESTORE_PROJECT)
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
         cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )
-    server = Server(port, process, log_path)
+    server = Server(port, process, log_path, "memory" if emulator is None else "firestore",
+                    emulator.client() if emulator is not None else None)
 
     def healthy() -> bool:
         if process.poll() is not None:
@@ -150,13 +228,40 @@ def start_server(tmp: Path, **env: str) -> Server:
 
 
 @pytest.fixture(scope="session")
-def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """Start servers with extra environment; all are stopped at the end of the run."""
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """FIRESTORE_EMULATOR_HOST's emulator if set, else the bundled one, started for this run."""
+    external = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    if external:
+        yield Emulator(external)
+        return
+    started = Emulator.start(tmp_path_factory.mktemp("emulator"))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session", params=["memory", "firestore"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every behavioural test runs on both stores."""
+    return request.param
+
+
+@pytest.fixture
+def isolating_store(request: pytest.FixtureRequest, store_kind: str) -> None:
+    """Skip a race test where the store does not isolate transactions (the bundled emulator)."""
+    if store_kind == "firestore" and request.getfixturevalue("emulator").bundled:
+        pytest.skip(EMULATOR_GAP)
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+                   store_kind: str) -> Iterator[Callable[..., Server]]:
+    """Start servers on this run's store with extra environment; all are stopped at the end."""
     started: list[Server] = []
-    tmp = tmp_path_factory.mktemp("servers")
+    tmp = tmp_path_factory.mktemp(f"servers-{store_kind}")
+    emulator = request.getfixturevalue("emulator") if store_kind == "firestore" else None
 
     def start(**env: str) -> Server:
-        server = start_server(tmp, **env)
+        server = start_server(tmp, emulator, **env)
         started.append(server)
         return server
 
