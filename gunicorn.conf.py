@@ -23,7 +23,7 @@ except ConfigError as e:
 
 worker_class = "gevent"
 bind = f"0.0.0.0:{_config.port}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+workers = _config.web_concurrency
 # Each WebSocket holds a connection for its whole life: gunicorn's default cap
 # (1000 per worker) would refuse clients long before the machine is busy.
 worker_connections = _config.worker_connections

@@ -25,7 +25,8 @@ def build_store(config: Config) -> Store:
         return MemoryStore(config.seed)
     from .firestore_store import FirestoreStore  # imports gRPC: only when used
 
-    store = FirestoreStore.connect(config.firestore_project, config.firestore_database)
+    store = FirestoreStore.connect(config.firestore_project, config.firestore_database,
+                                   config.firestore_timeout_seconds)
     store.check()
     for collection, docs in config.seed.items():
         for doc_id, data in docs.items():

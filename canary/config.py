@@ -34,6 +34,7 @@ class Config:
     max_message_bytes: int = 64 * 1024
     client_queue_size: int = 64
     worker_connections: int = 10_000
+    web_concurrency: int = 1
     cors_allow_origin: str = "*"
     cors_allow_methods: str = "GET, POST, OPTIONS"
     cors_allow_headers: str = "Authorization, Content-Type"
@@ -42,6 +43,7 @@ class Config:
     gcp_project_id: str | None = None
     firestore_database: str = "(default)"
     firestore_emulator_host: str | None = None
+    firestore_timeout_seconds: float = 10.0
     seed: Seed = field(default_factory=dict)
     dev_api: bool = False
 
@@ -64,6 +66,7 @@ class Config:
             max_message_bytes=reader.integer("MAX_MESSAGE_BYTES", cls.max_message_bytes, low=64),
             client_queue_size=reader.integer("CLIENT_QUEUE_SIZE", cls.client_queue_size, low=4),
             worker_connections=reader.integer("WORKER_CONNECTIONS", cls.worker_connections, low=1),
+            web_concurrency=reader.integer("WEB_CONCURRENCY", cls.web_concurrency, low=1),
             cors_allow_origin=env.get("CORS_ALLOW_ORIGIN") or cls.cors_allow_origin,
             cors_allow_methods=env.get("CORS_ALLOW_METHODS") or cls.cors_allow_methods,
             cors_allow_headers=env.get("CORS_ALLOW_HEADERS") or cls.cors_allow_headers,
@@ -72,11 +75,15 @@ class Config:
             gcp_project_id=env.get("GCP_PROJECT_ID", "").strip() or None,
             firestore_database=env.get("FIRESTORE_DATABASE", "").strip() or cls.firestore_database,
             firestore_emulator_host=env.get("FIRESTORE_EMULATOR_HOST", "").strip() or None,
+            firestore_timeout_seconds=reader.number("FIRESTORE_TIMEOUT_SECONDS", cls.firestore_timeout_seconds),
             seed=_read_seed(env.get("CANARY_SEED")),
             dev_api=reader.boolean("CANARY_DEV_API", False),
         )
         if config.store == "firestore" and not (config.gcp_project_id or config.firestore_emulator_host):
             raise ConfigError("CANARY_STORE=firestore needs GCP_PROJECT_ID (or FIRESTORE_EMULATOR_HOST)")
+        if config.store == "memory" and config.web_concurrency > 1:
+            raise ConfigError(f"WEB_CONCURRENCY={config.web_concurrency} with CANARY_STORE=memory: each worker "
+                              "would hold its own sessions; use 1 worker or the Firestore store")
         if config.seed and config.store == "firestore" and not config.firestore_emulator_host:
             raise ConfigError("CANARY_SEED writes documents at start: allowed with the memory store "
                               "or a Firestore emulator (FIRESTORE_EMULATOR_HOST), never a real project")
@@ -127,8 +134,8 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if not value > 0:
-            raise ConfigError(f"{name}={raw} must be greater than 0")
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{name}={raw} must be a finite number greater than 0")
         return value
 
     def boolean(self, name: str, default: bool) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from google.api_core import exceptions as gexc
+from google.api_core import retry as gretry
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
@@ -34,8 +35,9 @@ from .store import (
 
 log = logging.getLogger(__name__)
 
-#: Deadline of each Firestore call, in seconds: a dead backend is an error, not a hang.
-CALL_TIMEOUT = 10.0
+#: Default deadline of each Firestore call, retries included, in seconds: a dead
+#: backend is an error, not a hang (the library would retry for up to 60 s).
+DEFAULT_TIMEOUT = 10.0
 
 
 def _translate(e: Exception) -> StoreError:
@@ -53,7 +55,7 @@ class _FirestoreWatch(Watch):
         self._stopped = False
         try:
             self._watch = start()
-        except gexc.GoogleAPICallError as e:
+        except gexc.GoogleAPIError as e:
             raise _translate(e) from e
         store._opened(self)
 
@@ -76,15 +78,16 @@ class _FirestoreWatch(Watch):
 
 
 class _FirestoreTransaction(Transaction):
-    def __init__(self, client: firestore.Client, txn: firestore.Transaction) -> None:
-        self._client = client
+    def __init__(self, store: FirestoreStore, txn: firestore.Transaction) -> None:
+        self._store = store
+        self._client = store._client
         self._txn = txn
 
     def _ref(self, collection: str, doc_id: str) -> firestore.DocumentReference:
         return self._client.collection(collection).document(doc_id)
 
     def get(self, collection: str, doc_id: str) -> Data | None:
-        snapshot = self._ref(collection, doc_id).get(transaction=self._txn, timeout=CALL_TIMEOUT)
+        snapshot = self._ref(collection, doc_id).get(transaction=self._txn, **self._store._deadline)
         return snapshot.to_dict() if snapshot.exists else None
 
     def create(self, collection: str, doc_id: str, data: Data) -> None:
@@ -103,20 +106,23 @@ class _FirestoreTransaction(Transaction):
 class FirestoreStore(Store):
     """A `Store` on a Firestore database (or an emulator)."""
 
-    def __init__(self, client: firestore.Client) -> None:
+    def __init__(self, client: firestore.Client, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._client = client
         self._lock = threading.Lock()
         self._watches: set[_FirestoreWatch] = set()
+        retry = gretry.Retry(initial=0.1, maximum=1.0, multiplier=2.0, timeout=timeout,
+                             predicate=gretry.if_transient_error)
+        self._deadline: dict[str, Any] = {"retry": retry, "timeout": timeout}
 
     @classmethod
-    def connect(cls, project: str, database: str = "(default)") -> FirestoreStore:
+    def connect(cls, project: str, database: str = "(default)", timeout: float = DEFAULT_TIMEOUT) -> FirestoreStore:
         """A store on `project`'s `database`; honours FIRESTORE_EMULATOR_HOST."""
-        return cls(firestore.Client(project=project, database=database))
+        return cls(firestore.Client(project=project, database=database), timeout)
 
-    def check(self, timeout: float = 5.0) -> None:
-        """Raise `StoreError` unless Firestore answers a read within `timeout` seconds."""
+    def check(self) -> None:
+        """Raise `StoreError` unless Firestore answers a read within the call deadline."""
         try:
-            self._client.collection("sessions").document("-canary-health-").get(timeout=timeout, retry=None)
+            self._ref("sessions", "-canary-health-").get(**self._deadline)
         except Exception as e:
             raise StoreError(f"Firestore did not answer: {_translate(e)}") from e
 
@@ -128,38 +134,38 @@ class FirestoreStore(Store):
 
     def get(self, collection: str, doc_id: str) -> Data | None:
         try:
-            snapshot = self._ref(collection, doc_id).get(timeout=CALL_TIMEOUT)
-        except gexc.GoogleAPICallError as e:
+            snapshot = self._ref(collection, doc_id).get(**self._deadline)
+        except gexc.GoogleAPIError as e:
             raise _translate(e) from e
         return snapshot.to_dict() if snapshot.exists else None
 
     def query(self, collection: str, field: str, value: Any) -> list[Document]:
         try:
             return [Document(s.id, s.to_dict()) for s in
-                    self._query(collection, field, value).stream(timeout=CALL_TIMEOUT)]
-        except gexc.GoogleAPICallError as e:
+                    self._query(collection, field, value).stream(**self._deadline)]
+        except gexc.GoogleAPIError as e:
             raise _translate(e) from e
 
     def set(self, collection: str, doc_id: str, data: Data) -> None:
         try:
-            self._ref(collection, doc_id).set(data, timeout=CALL_TIMEOUT)
-        except gexc.GoogleAPICallError as e:
+            self._ref(collection, doc_id).set(data, **self._deadline)
+        except gexc.GoogleAPIError as e:
             raise _translate(e) from e
 
     def delete(self, collection: str, doc_id: str) -> None:
         try:
-            self._ref(collection, doc_id).delete(timeout=CALL_TIMEOUT)
-        except gexc.GoogleAPICallError as e:
+            self._ref(collection, doc_id).delete(**self._deadline)
+        except gexc.GoogleAPIError as e:
             raise _translate(e) from e
 
     def transaction(self, fn: Callable[[Transaction], T]) -> T:
         @firestore.transactional
         def run(txn: firestore.Transaction) -> T:
-            return fn(_FirestoreTransaction(self._client, txn))
+            return fn(_FirestoreTransaction(self, txn))
 
         try:
             return run(self._client.transaction())
-        except gexc.GoogleAPICallError as e:
+        except gexc.GoogleAPIError as e:
             raise _translate(e) from e
         except ValueError as e:  # the library's "failed to commit after N attempts"
             raise StoreError(str(e)) from e

@@ -8,6 +8,7 @@ Manager's REST transport (no gRPC channel exists before the fork).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from .config import ConfigError
@@ -30,7 +31,8 @@ def load(env: Mapping[str, str]) -> str | None:
     try:
         value = _access(path, env.get("SECRET_MANAGER_ENDPOINT", "").strip() or None)
     except Exception as e:  # every failure ends start-up the same way: one line naming the secret
-        reason = getattr(e, "message", None) or str(e) or type(e).__name__
+        # REST errors read "GET <url>: <message>"; the URL only repeats the path.
+        reason = re.sub(r"^[A-Z]+ \S+: ", "", getattr(e, "message", None) or str(e)) or "no detail"
         raise ConfigError(f"JWT secret {path} could not be read from Secret Manager: "
                           f"{type(e).__name__}: {reason}") from None
     if not value:

@@ -19,6 +19,7 @@ from .auth import Authenticator, bearer_token
 from .clients import Client
 from .config import Config
 from .sessions import Admission, Refusal, SessionManager
+from .store import StoreError
 from .websocket import ConnectionClosed, accept, handled, is_upgrade
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,12 @@ def error(status: int, message: str) -> Response:
 @bp.errorhandler(Refusal)
 def _refused(e: Refusal) -> Response:
     return error(e.status, e.message)
+
+
+@bp.errorhandler(StoreError)
+def _store_failed(e: StoreError) -> Response:
+    log.error("store failure: %s", e)
+    return error(503, "the store is unavailable; try again")
 
 
 @bp.get("/health")

@@ -13,14 +13,26 @@ import json
 import sys
 import urllib.request
 
-from simple_websocket import Client, ConnectionClosed
+import simple_websocket
+from simple_websocket import ConnectionClosed
 
 BASE = (sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080").rstrip("/")
 WS = "ws" + BASE.removeprefix("http")
 
 
+class Client(simple_websocket.Client):
+    def handshake(self) -> None:
+        super().handshake()
+        # simple-websocket's client leaves frames that arrived with the 101 (here the
+        # welcome message) unread until more data comes; read them now.
+        self._handle_events()
+
+
 def receive(name: str, client: Client) -> dict:
-    message = json.loads(client.receive(timeout=5))
+    data = client.receive(timeout=5)
+    if data is None:
+        raise SystemExit(f"{name}: no message within 5 s")
+    message = json.loads(data)
     print(f"{name:>6} <- {json.dumps(message)}")
     return message
 

@@ -324,6 +324,12 @@ class Client:
         message = self.recv()
         assert message["type"] == "pong", f"expected nothing before the pong, got {message}"
 
+    def roundtrip_after(self, skip: tuple[str, ...]) -> None:
+        """Ping and read up to the pong, skipping messages of the `skip` types."""
+        self.send({"type": "ping"})
+        message = self.recv(skip=("keepalive", *skip))
+        assert message["type"] == "pong", f"expected only {skip} before the pong, got {message}"
+
     def closed_with(self, timeout: float = TIMEOUT, skip: tuple[str, ...] = ("keepalive",)) -> int:
         """Read until the close frame and return its code (1006 if the TCP connection just ended)."""
         self.ws.settimeout(timeout)

@@ -148,3 +148,22 @@ def test_a_frame_just_under_the_limit_is_read(server: Server) -> None:
     host.send(message + "x" * (64 * 1024 - len(message) - 2) + '"}')
     assert host.recv()["type"] == "pong"
     host.close()
+
+
+def test_no_listener_is_left_after_many_switches(server_factory) -> None:
+    """20 clients, 200 setImageID switches in all, then everyone leaves: no listener stays open."""
+    server = server_factory()
+    host, members = _session(server, members=19)
+    clients = [host, *members]
+    images = [unique("image") for _ in range(5)]
+    for round_ in range(10):
+        for i, client in enumerate(clients):
+            client.send({"type": "setImageID", "payload": {"imageID": images[(i + round_) % len(images)]}})
+    for client in clients:
+        client.roundtrip_after(SNAPSHOTS)
+    assert server.stats()["store_watches"] == 2 * len(clients)
+    for client in members:
+        client.close()
+    host.close()
+    wait_for(lambda: server.stats() == {"sessions": 0, "participants": 0, "image_watches": 0,
+                                        "store_watches": 0}, what="every listener closed")
