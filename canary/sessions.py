@@ -133,7 +133,10 @@ class SessionManager:
         }
 
         def create(t: Transaction) -> None:
-            # The lock's existence precondition decides the race between creates.
+            # The lock's existence precondition decides the race between creates: atomic on
+            # Firestore and on the bundled emulator alike (a query could not decide it). It is
+            # the commit's first write because that emulator applies a commit's writes one by
+            # one and stops at the failing one, instead of all-or-nothing.
             t.create(SESSION_LOCKS, batch_id, {"sessionID": session_id, "createdAt": now})
             t.create(SESSIONS, session_id, session)
 
