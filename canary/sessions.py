@@ -30,7 +30,7 @@ from .store import (
     Transaction,
     auto_id,
 )
-from .watches import ImageWatches
+from .watches import ImageWatches, SharedListeners
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class SessionManager:
         self._store = store
         self._clock = clock
         self._live: dict[str, _LiveSession] = {}
+        self._listeners = SharedListeners(store)
 
     # -- admission (before the upgrade) ------------------------------------
     def open_session(self, batch_id: str, user_id: str) -> Admission:
@@ -183,7 +184,7 @@ class SessionManager:
     # -- connected clients ---------------------------------------------------
     def connect(self, admission: Admission, peer: Peer) -> Participant:
         """Register an upgraded client: welcome it and tell the others."""
-        participant = Participant(admission, peer, ImageWatches(self._store, admission.session_id,
+        participant = Participant(admission, peer, ImageWatches(self._listeners, admission.session_id,
                                                                 peer.safe_enqueue))
         sid = admission.session_id
         if admission.role == OWNER:
@@ -249,6 +250,7 @@ class SessionManager:
             "participants": sum(1 + len(s.members) for s in self._live.values()),
             "image_watches": sum(p.watches.active for s in self._live.values()
                                  for p in (s.owner, *s.members.values())),
+            "image_listeners": self._listeners.count(),
         }
 
     # -- helpers -----------------------------------------------------------------

@@ -1,57 +1,150 @@
-"""A participant's watches on the labels of the image it is looking at."""
+"""Image watches: what each client watches, and the store listeners they share.
+
+Firestore bills every listener's reads, so within one process all clients
+watching the same image share one `keypoints` and one `boundingBoxes`
+listener (`SharedListeners`); listeners grow with distinct images, not with
+clients, and stop when their last client leaves or switches.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .protocol import BOUNDING_BOXES_SNAPSHOT, LABELS_SNAPSHOT, Frame, ServerMessage
-from .store import BOUNDING_BOXES, KEYPOINTS, Document, Store, Watch
+from .store import BOUNDING_BOXES, KEYPOINTS, Store, Watch
+
+Notify = Callable[[], None]
+_Key = tuple[str, str]  # (collection, image ID)
+
+
+@dataclass(eq=False)
+class _Listener:
+    subscribers: set[Subscription] = field(default_factory=set)
+    watch: Watch | None = None
+    ready: bool = False  # a snapshot has arrived: new subscribers are told at once
+
+
+class Subscription:
+    """One client's interest in one listener; `cancel` is idempotent."""
+
+    def __init__(self, owner: SharedListeners, key: _Key, notify: Notify) -> None:
+        self._owner = owner
+        self.key = key
+        self.notify = notify
+
+    def cancel(self) -> None:
+        self._owner._cancel(self)
+
+
+class SharedListeners:
+    """Store listeners on `<collection> where imageID == X`, shared by subscribers."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._lock = threading.Lock()  # snapshots may arrive on a foreign thread
+        self._listeners: dict[_Key, _Listener] = {}
+
+    def subscribe(self, collection: str, image_id: str, notify: Notify) -> Subscription:
+        """Call `notify` now if the image's data is loaded, then on every change.
+
+        Raises `StoreError` if a new listener cannot be started.
+        """
+        key = (collection, image_id)
+        subscription = Subscription(self, key, notify)
+        with self._lock:
+            listener = self._listeners.get(key)
+            if listener is not None:
+                listener.subscribers.add(subscription)
+                if listener.ready:
+                    notify()
+                return subscription
+            listener = self._listeners[key] = _Listener({subscription})
+        try:
+            # Outside the lock: the store may deliver the first snapshot synchronously.
+            watch = self._store.watch_query(collection, "imageID", image_id,
+                                            lambda _docs: self._deliver(key, listener))
+        except BaseException:
+            with self._lock:
+                if self._listeners.get(key) is listener:
+                    del self._listeners[key]
+            raise
+        with self._lock:
+            listener.watch = watch
+            orphaned = self._listeners.get(key) is not listener  # everyone left meanwhile
+        if orphaned:
+            watch.stop()
+        return subscription
+
+    def _deliver(self, key: _Key, listener: _Listener) -> None:
+        with self._lock:
+            listener.ready = True
+            subscribers = list(listener.subscribers)
+        for subscription in subscribers:
+            subscription.notify()
+
+    def _cancel(self, subscription: Subscription) -> None:
+        with self._lock:
+            listener = self._listeners.get(subscription.key)
+            if listener is None or subscription not in listener.subscribers:
+                return
+            listener.subscribers.discard(subscription)
+            if listener.subscribers:
+                return
+            del self._listeners[subscription.key]
+            watch = listener.watch
+        if watch is not None:
+            watch.stop()
+
+    def count(self) -> int:
+        """How many listeners are open."""
+        with self._lock:
+            return len(self._listeners)
 
 
 class ImageWatches:
-    """One `keypoints` and one `boundingBoxes` watch on one image, for one client.
+    """What one client watches: the keypoints and bounding boxes of one image.
 
-    `switch` replaces both (never leaving one behind if the other fails);
-    notifications from a replaced watch that arrive late are dropped.
+    `switch` replaces both subscriptions (never leaving one behind if the other
+    fails); notifications meant for a replaced image are dropped.
     """
 
-    def __init__(self, store: Store, session_id: str, send: Callable[[Frame], object]) -> None:
-        self._store = store
+    def __init__(self, listeners: SharedListeners, session_id: str, send: Callable[[Frame], object]) -> None:
+        self._listeners = listeners
         self._session_id = session_id
         self._send = send
-        self._watches: tuple[Watch, ...] = ()
+        self._subscriptions: tuple[Subscription, ...] = ()
         self._generation = 0
 
     @property
     def active(self) -> int:
-        """How many watches are open."""
-        return len(self._watches)
+        """How many subscriptions this client holds (0 or 2)."""
+        return len(self._subscriptions)
 
     def switch(self, image_id: str) -> None:
         """Watch `image_id` instead; raises `StoreError` (with nothing left open) on failure."""
         self.stop()
         generation = self._generation
-        started: list[Watch] = []
+        started: list[Subscription] = []
         try:
-            for collection, message in ((KEYPOINTS, LABELS_SNAPSHOT),
-                                        (BOUNDING_BOXES, BOUNDING_BOXES_SNAPSHOT)):
-                started.append(self._store.watch_query(
-                    collection, "imageID", image_id, self._notifier(message, generation)))
+            for collection, message in ((KEYPOINTS, LABELS_SNAPSHOT), (BOUNDING_BOXES, BOUNDING_BOXES_SNAPSHOT)):
+                started.append(self._listeners.subscribe(collection, image_id, self._notifier(message, generation)))
         except BaseException:
-            for watch in started:
-                watch.stop()
+            for subscription in started:
+                subscription.cancel()
             raise
-        self._watches = tuple(started)
+        self._subscriptions = tuple(started)
 
     def stop(self) -> None:
-        """Stop the current watches (idempotent)."""
+        """Drop the current subscriptions (idempotent)."""
         self._generation += 1
-        watches, self._watches = self._watches, ()
-        for watch in watches:
-            watch.stop()
+        subscriptions, self._subscriptions = self._subscriptions, ()
+        for subscription in subscriptions:
+            subscription.cancel()
 
-    def _notifier(self, message: ServerMessage, generation: int) -> Callable[[list[Document]], None]:
-        def notify(_documents: list[Document]) -> None:
+    def _notifier(self, message: ServerMessage, generation: int) -> Notify:
+        def notify() -> None:
             if generation == self._generation:
                 self._send(message(sessionID=self._session_id))
         return notify

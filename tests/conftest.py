@@ -40,15 +40,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy, or fail after `timeout`."""
+def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition",
+             detail: Callable[[], Any] | None = None) -> Any:
+    """Poll `condition` until it returns something truthy, or fail after `timeout` (saying `detail()`)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {result!r})")
+            now = f"; now {detail()!r}" if detail else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {result!r}{now})")
         time.sleep(0.02)
 
 

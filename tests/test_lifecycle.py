@@ -232,7 +232,7 @@ def test_owner_leaving_closes_every_member_with_4000_and_deletes_the_session(ser
     assert server.doc("sessions", sid) is None
     assert server.doc("sessionLocks", batch) is None
     wait_for(lambda: server.stats() == {"sessions": 0, "participants": 0, "image_watches": 0,
-                                        "store_watches": 0}, what="nothing left")
+                                        "image_listeners": 0, "store_watches": 0}, what="nothing left")
 
 
 def test_a_member_joining_after_the_owner_left_is_closed(server: Server) -> None:
@@ -256,8 +256,9 @@ def test_everything_returns_to_zero_after_everyone_leaves(server_factory) -> Non
     for i, m in enumerate(members):
         m.send({"type": "setImageID", "payload": {"imageID": f"image-{i % 3}"}})
     host.send({"type": "setImageID", "payload": {"imageID": "image-0"}})
-    loaded = wait_for(lambda: (s := server.stats(greenlets=True))["store_watches"] == 22 and s,
+    loaded = wait_for(lambda: (s := server.stats(greenlets=True))["image_watches"] == 22 and s,
                       what="22 watches")
+    assert loaded["store_watches"] == 6  # 3 images: their listeners are shared
     assert loaded["participants"] == 11
     assert loaded["greenlets"] > base["greenlets"]
     for m in members[:5]:
@@ -266,4 +267,7 @@ def test_everything_returns_to_zero_after_everyone_leaves(server_factory) -> Non
     for m in members[5:]:
         assert m.closed_with(skip=("keepalive", "member_joined", "member_left", "labels_snapshot",
                                    "bounding_boxes_snapshot", "session_closed")) == 4000
-    wait_for(lambda: server.stats(greenlets=True) == base, what=f"stats back to {base}")
+    # Idle greenlets of the server itself may end meanwhile: at most as many as before.
+    wait_for(lambda: (s := server.stats(greenlets=True)).pop("greenlets") <= base["greenlets"]
+             and s == {k: v for k, v in base.items() if k != "greenlets"},
+             what=f"stats back to {base}", detail=lambda: server.stats(greenlets=True))

@@ -161,9 +161,35 @@ def test_no_listener_is_left_after_many_switches(server_factory) -> None:
             client.send({"type": "setImageID", "payload": {"imageID": images[(i + round_) % len(images)]}})
     for client in clients:
         client.roundtrip_after(SNAPSHOTS)
-    assert server.stats()["store_watches"] == 2 * len(clients)
+    stats = server.stats()
+    assert stats["image_watches"] == 2 * len(clients)
+    assert stats["store_watches"] == stats["image_listeners"] == 2 * len(images)
     for client in members:
         client.close()
     host.close()
     wait_for(lambda: server.stats() == {"sessions": 0, "participants": 0, "image_watches": 0,
-                                        "store_watches": 0}, what="every listener closed")
+                                        "image_listeners": 0, "store_watches": 0}, what="every listener closed")
+
+
+def test_clients_watching_the_same_image_share_listeners(server_factory) -> None:
+    """50 clients of one process on 3 images: 6 listeners, whatever the number of clients."""
+    server = server_factory()
+    host, members = _session(server, members=49)
+    clients = [host, *members]
+    images = [unique("image") for _ in range(3)]
+    for i, client in enumerate(clients):
+        _watch(client, images[i % 3])
+    stats = server.stats()
+    assert stats["image_watches"] == 100
+    assert stats["store_watches"] == stats["image_listeners"] == 6
+    # Every watcher of an image is told of its changes through the shared listener.
+    server.put("keypoints", unique("kp"), {"imageID": images[1], "keypointID": "k"})
+    for i, client in enumerate(clients):
+        if i % 3 == 1:
+            assert client.recv()["type"] == "labels_snapshot"
+        else:
+            client.roundtrip()
+    for client in members:
+        client.close()
+    host.close()
+    wait_for(lambda: server.stats()["store_watches"] == 0, what="the listeners to stop")

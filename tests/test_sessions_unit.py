@@ -206,7 +206,7 @@ def test_owner_disconnect_closes_the_session(manager: SessionManager, store: Mem
         assert peer.closes == [4000]
     assert store.get(SESSIONS, owner.session_id) is None
     assert store.get(SESSION_LOCKS, "b1") is None
-    assert manager.stats() == {"sessions": 0, "participants": 0, "image_watches": 0}
+    assert manager.stats() == {"sessions": 0, "participants": 0, "image_watches": 0, "image_listeners": 0}
     assert "session_closed" not in owner_peer.types
 
 
@@ -291,10 +291,27 @@ def test_set_image_id_watches_the_image(manager: SessionManager, store: MemorySt
     assert store.watch_count() == 0
 
 
+def test_clients_on_one_image_share_its_two_listeners(manager: SessionManager, store: MemoryStore,
+                                                     live: dict) -> None:
+    (owner, owner_peer), (alice, alice_peer) = live["owner"], live["alice"]
+    manager.receive(owner, set_image("img-1"))
+    manager.receive(alice, set_image("img-1"))
+    assert store.watch_count() == 2
+    assert manager.stats()["image_watches"] == 4
+    # Both were told the data is ready, though only the first started the listeners.
+    assert owner_peer.types.count("labels_snapshot") == alice_peer.types.count("labels_snapshot") == 1
+    manager.receive(owner, set_image("img-2"))
+    assert store.watch_count() == 4
+    manager.disconnect(alice)
+    assert store.watch_count() == 2
+    manager.disconnect(owner)
+    assert store.watch_count() == 0
+
+
 def test_owner_disconnect_stops_every_watch(manager: SessionManager, store: MemoryStore, live: dict) -> None:
     (owner, _), (alice, _) = live["owner"], live["alice"]
     manager.receive(owner, set_image("img-1"))
-    manager.receive(alice, set_image("img-1"))
+    manager.receive(alice, set_image("img-2"))
     assert store.watch_count() == 4
     manager.disconnect(owner)
     assert store.watch_count() == 0
