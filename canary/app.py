@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import gevent
 from flask import Flask, Response, request
 
 from . import dev, routes
@@ -45,7 +47,12 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
     auth = Authenticator(config.jwt_secret)
     if not auth.enabled:
         log.warning("JWT_SECRET is not set: the service is OPEN, any caller can act as any user")
-    app.extensions["canary"] = routes.Services(config, SessionManager(store), auth)
+    sessions = SessionManager(store, defer=_hub_deferral(), owner_grace=config.owner_grace_seconds,
+                              reconnect_grace=config.reconnect_grace_seconds,
+                              lease_seconds=config.process_lease_seconds)
+    sessions.start()
+    gevent.spawn(_maintain, sessions, config.process_lease_seconds / 3)
+    app.extensions["canary"] = routes.Services(config, sessions, auth)
     app.register_blueprint(routes.bp)
     if config.dev_api:
         log.warning("CANARY_DEV_API is on: /dev/ lets anyone read and write the store")
@@ -70,6 +77,27 @@ class _PostUpgradeAsGet:
         if environ.get("REQUEST_METHOD") == "POST" and is_upgrade(environ):
             environ["REQUEST_METHOD"] = "GET"
         return self._wsgi_app(environ, start_response)
+
+
+def shutdown(app: Flask) -> None:
+    """The process is restarting: close every client with 1012 (gunicorn.conf.py calls it on SIGTERM)."""
+    app.extensions["canary"].sessions.shutdown()
+
+
+def _hub_deferral() -> Callable[[Callable[[], None]], None]:
+    """Run store callbacks (from any thread) in a new greenlet of this process's hub."""
+    loop = gevent.get_hub().loop
+
+    def defer(fn: Callable[[], None]) -> None:
+        loop.run_callback_threadsafe(gevent.spawn, fn)
+
+    return defer
+
+
+def _maintain(sessions: SessionManager, interval: float) -> None:
+    while True:
+        gevent.sleep(interval)
+        sessions.maintain()
 
 
 def _install_cors(app: Flask, config: Config) -> None:

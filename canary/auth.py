@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jwt
 
-from .sessions import Refusal
+from .errors import Refusal
 
 
 class Authenticator:

@@ -35,6 +35,9 @@ class Config:
     client_queue_size: int = 64
     worker_connections: int = 10_000
     web_concurrency: int = 1
+    owner_grace_seconds: float = 0.0
+    reconnect_grace_seconds: float = 30.0
+    process_lease_seconds: float = 15.0
     cors_allow_origin: str = "*"
     cors_allow_methods: str = "GET, POST, OPTIONS"
     cors_allow_headers: str = "Authorization, Content-Type"
@@ -66,7 +69,10 @@ class Config:
             max_message_bytes=reader.integer("MAX_MESSAGE_BYTES", cls.max_message_bytes, low=64),
             client_queue_size=reader.integer("CLIENT_QUEUE_SIZE", cls.client_queue_size, low=4),
             worker_connections=reader.integer("WORKER_CONNECTIONS", cls.worker_connections, low=1),
-            web_concurrency=reader.integer("WEB_CONCURRENCY", cls.web_concurrency, low=1),
+            web_concurrency=reader.integer("WEB_CONCURRENCY", _default_workers(env), low=1),
+            owner_grace_seconds=reader.number("OWNER_GRACE_SECONDS", cls.owner_grace_seconds, zero=True),
+            reconnect_grace_seconds=reader.number("RECONNECT_GRACE_SECONDS", cls.reconnect_grace_seconds),
+            process_lease_seconds=reader.number("PROCESS_LEASE_SECONDS", cls.process_lease_seconds),
             cors_allow_origin=env.get("CORS_ALLOW_ORIGIN") or cls.cors_allow_origin,
             cors_allow_methods=env.get("CORS_ALLOW_METHODS") or cls.cors_allow_methods,
             cors_allow_headers=env.get("CORS_ALLOW_HEADERS") or cls.cors_allow_headers,
@@ -105,6 +111,13 @@ def _default_store(env: Mapping[str, str]) -> str:
     return "firestore" if env.get("GCP_PROJECT_ID") or env.get("FIRESTORE_EMULATOR_HOST") else "memory"
 
 
+def _default_workers(env: Mapping[str, str]) -> int:
+    """One gevent worker per core on a shared store; the memory store lives in one process."""
+    if (env.get("CANARY_STORE") or _default_store(env)) == "memory":
+        return 1
+    return os.cpu_count() or 1
+
+
 class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
@@ -126,7 +139,7 @@ class _Reader:
             raise ConfigError(f"{name}={value} must be {bounds}")
         return value
 
-    def number(self, name: str, default: float) -> float:
+    def number(self, name: str, default: float, zero: bool = False) -> float:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -134,8 +147,9 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if not 0 < value < float("inf"):
-            raise ConfigError(f"{name}={raw} must be a finite number greater than 0")
+        if not (value >= 0 if zero else value > 0) or value == float("inf"):
+            bound = "0 or more" if zero else "greater than 0"
+            raise ConfigError(f"{name}={raw} must be a finite number, {bound}")
         return value
 
     def boolean(self, name: str, default: bool) -> bool:

@@ -146,6 +146,12 @@ class FirestoreStore(Store):
         except gexc.GoogleAPIError as e:
             raise _translate(e) from e
 
+    def documents(self, collection: str) -> list[Document]:
+        try:
+            return [Document(s.id, s.to_dict()) for s in self._client.collection(collection).stream(**self._deadline)]
+        except gexc.GoogleAPIError as e:
+            raise _translate(e) from e
+
     def set(self, collection: str, doc_id: str, data: Data) -> None:
         try:
             self._ref(collection, doc_id).set(data, **self._deadline)

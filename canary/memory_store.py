@@ -87,8 +87,7 @@ class MemoryStore(Store):
                     for doc_id, data in self._docs.get(collection, {}).items()
                     if data.get(field) == value]
 
-    def collection(self, collection: str) -> list[Document]:
-        """Every document of a collection (for the dev API and tests)."""
+    def documents(self, collection: str) -> list[Document]:
         with self._lock:
             return [Document(i, copy.deepcopy(d)) for i, d in self._docs.get(collection, {}).items()]
 

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 #: Close codes the service uses besides the standard ones.
 CLOSE_SESSION_CLOSED = 4000
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_MESSAGE_TOO_BIG = 1009
 
@@ -67,7 +68,7 @@ SESSION_CREATED = ServerMessage(
     "session_created",
     ("sessionID", "batchID", "role", "time"),
     "the owner, first message after the upgrade",
-    "The session exists; `role` is `owner`.",
+    "The session exists (or was resumed, same `sessionID`); `role` is `owner`.",
 )
 SESSION_JOINED = ServerMessage(
     "session_joined",
@@ -86,6 +87,18 @@ MEMBER_LEFT = ServerMessage(
     ("sessionID", "memberID", "time"),
     "everyone in the session but that member",
     "A member left (disconnected, timed out, or was dropped as a slow consumer).",
+)
+OWNER_LEFT = ServerMessage(
+    "owner_left",
+    ("sessionID", "ownerID", "time"),
+    "every member, when the owner disconnects and `OWNER_GRACE_SECONDS` > 0",
+    "The owner is gone but the session waits `OWNER_GRACE_SECONDS` for them to come back.",
+)
+OWNER_JOINED = ServerMessage(
+    "owner_joined",
+    ("sessionID", "ownerID", "time"),
+    "every member, when the owner comes back within the grace",
+    "The owner resumed the session.",
 )
 LABELS_SNAPSHOT = ServerMessage(
     "labels_snapshot",
@@ -110,7 +123,7 @@ KEEPALIVE = ServerMessage(
 SESSION_CLOSED = ServerMessage(
     "session_closed",
     ("sessionID", "time"),
-    "every member, when the owner leaves",
+    "every member, when the session ends (the owner left, or did not come back within the grace)",
     f"The session is over; the socket then closes with code {CLOSE_SESSION_CLOSED}.",
 )
 PONG = ServerMessage("pong", ("time",), "the client that sent `ping`", "Answer to `ping`.")
@@ -131,7 +144,7 @@ SET_IMAGE_ID = ClientMessage(
 PING = ClientMessage("ping", (), "Ask for a `pong`.")
 
 SERVER_MESSAGES: tuple[ServerMessage, ...] = (
-    SESSION_CREATED, SESSION_JOINED, MEMBER_JOINED, MEMBER_LEFT, LABELS_SNAPSHOT,
+    SESSION_CREATED, SESSION_JOINED, MEMBER_JOINED, MEMBER_LEFT, OWNER_LEFT, OWNER_JOINED, LABELS_SNAPSHOT,
     BOUNDING_BOXES_SNAPSHOT, KEEPALIVE, SESSION_CLOSED, PONG, ERROR,
 )
 CLIENT_MESSAGES: dict[str, ClientMessage] = {m.type: m for m in (SET_IMAGE_ID, PING)}

@@ -1,50 +1,39 @@
-"""Session rules: who may create and join, who is told what, what the store holds.
+"""Session rules: who may create and join, who is told what, across processes.
 
 This module decides and the edges do the I/O: it talks to the store through
-the `Store` interface and to clients through the `Peer` protocol (queue a
-frame, close), and imports neither Flask, gevent nor Firestore, so every rule
-here can be unit-tested without sockets.
+`SessionRecords` and the `Store` interface and to clients through the `Peer`
+protocol (queue a frame, close), and imports neither Flask, gevent nor
+Firestore, so every rule here can be unit-tested without sockets.
+
+The owner and members of one session may be connected to different processes.
+Each process that holds clients of a session follows the session document
+(one listener per session per process) and derives `member_joined`,
+`member_left`, `owner_left` and `owner_joined` from its changes, and the end of
+the session from its deletion. Events caused by this process's own clients are
+delivered at once and remembered (`known`, `owner_away`), so the same change
+arriving through the listener is not delivered twice; snapshots older than what
+this process already wrote or saw (`version`, from `lastUpdated`) are ignored.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import protocol
+from .errors import Refusal
 from .protocol import Frame, ProtocolError
-from .store import (
-    BATCHES,
-    PROJECTS,
-    SESSION_LOCKS,
-    SESSIONS,
-    USERS,
-    AlreadyExists,
-    Data,
-    NotFound,
-    Store,
-    StoreError,
-    Transaction,
-    auto_id,
-)
+from .records import MEMBER, OWNER, SessionRecords, SessionState
+from .store import BATCHES, PROJECTS, SESSIONS, USERS, AlreadyExists, Data, Store, StoreError, Watch, auto_id
 from .watches import ImageWatches, SharedListeners
 
 log = logging.getLogger(__name__)
 
-OWNER = "owner"
-MEMBER = "member"
-
-
-class Refusal(Exception):
-    """A request the service turns down, with the HTTP status that says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+__all__ = ["MEMBER", "OWNER", "Admission", "Participant", "Peer", "Refusal", "SessionManager"]
 
 
 class Peer(Protocol):
@@ -59,12 +48,25 @@ class Peer(Protocol):
 class Admission:
     """A create or join the store has accepted, before the socket is upgraded."""
 
-    session_id: str
-    batch_id: str
     user_id: str
     role: str
-    owner_id: str
-    members: tuple[str, ...] = ()
+    state: SessionState
+
+    @property
+    def session_id(self) -> str:
+        return self.state.session_id
+
+    @property
+    def batch_id(self) -> str:
+        return self.state.batch_id
+
+    @property
+    def owner_id(self) -> str:
+        return self.state.owner_id
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.state.members
 
 
 @dataclass(eq=False)
@@ -90,30 +92,84 @@ class Participant:
 
 @dataclass(eq=False)
 class _LiveSession:
-    owner: Participant
+    """What this process knows of a session it holds clients of."""
+
+    session_id: str
+    batch_id: str
+    owner_id: str
+    known: set[str]  # member IDs whose arrival has been announced here
+    version: datetime
+    owner_away: bool
+    owner: Participant | None = None
     members: dict[str, Participant] = field(default_factory=dict)
+    listener: Watch | None = None
+    writing: int = 0  # local store writes in flight: snapshots wait for them
+    pending: list[Data | None] = field(default_factory=list)
+
+    def local(self) -> list[Participant]:
+        return ([self.owner] if self.owner else []) + list(self.members.values())
 
     def everyone_but(self, user_id: str) -> list[Participant]:
-        others = [p for uid, p in self.members.items() if uid != user_id]
-        return others if self.owner.user_id == user_id else [self.owner, *others]
+        return [p for p in self.local() if p.user_id != user_id]
+
+    def local_members(self) -> list[Participant]:
+        return list(self.members.values())
+
+    def remove(self, participant: Participant) -> bool:
+        if self.owner is participant:
+            self.owner = None
+            return True
+        if self.members.get(participant.user_id) is participant:
+            del self.members[participant.user_id]
+            return True
+        return False
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class SessionManager:
-    """The sessions of this process and their rules."""
+def _broadcast(recipients: list[Participant], frame: Frame) -> None:
+    for participant in recipients:
+        participant.peer.safe_enqueue(frame)
 
-    def __init__(self, store: Store, clock: Callable[[], datetime] = _now) -> None:
+
+class SessionManager:
+    """The sessions of this process and their rules.
+
+    `defer` runs a callable later, outside the caller's stack: store listeners
+    call back from any thread, in the middle of a commit for the memory store,
+    and the edge hands those calls to its event loop. By default they queue up
+    and run at the end of the current public call (enough for tests).
+    """
+
+    def __init__(self, store: Store, *, clock: Callable[[], datetime] = _now,
+                 defer: Callable[[Callable[[], None]], Any] | None = None, process_id: str | None = None,
+                 owner_grace: float = 0.0, reconnect_grace: float = 30.0, lease_seconds: float = 15.0) -> None:
         self._store = store
         self._clock = clock
+        self._records = SessionRecords(store, process_id or auto_id(), clock)
         self._live: dict[str, _LiveSession] = {}
         self._listeners = SharedListeners(store)
+        self._owner_grace = owner_grace
+        self._reconnect_grace = reconnect_grace
+        self._lease_seconds = lease_seconds
+        self._stopping = False
+        self._deferred: deque[Callable[[], None]] = deque()
+        self._defer = defer or self._deferred.append
+
+    @property
+    def process_id(self) -> str:
+        return self._records.process_id
+
+    def run_pending(self) -> None:
+        """Handle the store notifications queued by the default `defer` (the edge defers to its loop)."""
+        while self._deferred:
+            self._deferred.popleft()()
 
     # -- admission (before the upgrade) ------------------------------------
     def open_session(self, batch_id: str, user_id: str) -> Admission:
-        """Create a session on `batch_id` owned by `user_id`, or raise `Refusal`."""
+        """Create a session on `batch_id` owned by `user_id` (or resume it), or raise `Refusal`."""
         batch = self._store.get(BATCHES, batch_id)
         if batch is None:
             raise Refusal(404, f"batch {batch_id!r} not found")
@@ -123,84 +179,60 @@ class SessionManager:
             raise Refusal(404, f"project of batch {batch_id!r} not found")
         if project.get("userID") != user_id:
             raise Refusal(403, "only the project's owner can create a session")
-        session_id = auto_id()
-        now = self._clock()
-        session = {
-            "owner": {"id": user_id, "email": self._email(user_id)},
-            "batchID": batch_id,
-            "projectID": project_id,
-            "members": [],
-            "lastUpdated": now,
-        }
-
-        def create(t: Transaction) -> None:
-            # The lock's existence precondition decides the race between creates: atomic on
-            # Firestore and on the bundled emulator alike (a query could not decide it). It is
-            # the commit's first write because that emulator applies a commit's writes one by
-            # one and stops at the failing one, instead of all-or-nothing.
-            t.create(SESSION_LOCKS, batch_id, {"sessionID": session_id, "createdAt": now})
-            t.create(SESSIONS, session_id, session)
-
+        email = self._email(user_id)
         try:
-            self._store.transaction(create)
+            return Admission(user_id, OWNER, self._records.create(batch_id, project_id, user_id, email))
         except AlreadyExists:
-            if not self._clear_stale_lock(batch_id):
-                raise Refusal(409, f"a session is already live for batch {batch_id!r}") from None
+            pass
+        resumed = self._records.resume_owner(batch_id, user_id)
+        if resumed is not None:
+            return Admission(user_id, OWNER, resumed)
+        if self._records.clear_stale_lock(batch_id):
             try:
-                self._store.transaction(create)
+                return Admission(user_id, OWNER, self._records.create(batch_id, project_id, user_id, email))
             except AlreadyExists:
-                raise Refusal(409, f"a session is already live for batch {batch_id!r}") from None
-        return Admission(session_id, batch_id, user_id, OWNER, owner_id=user_id)
+                pass
+        raise Refusal(409, f"a session is already live for batch {batch_id!r}")
 
     def join_session(self, session_id: str, user_id: str) -> Admission:
-        """Add `user_id` to the session's members, or raise `Refusal`."""
-        member = {"id": user_id, "email": self._email(user_id)}
-
-        def join(t: Transaction) -> Data:
-            session = t.get(SESSIONS, session_id)
-            if session is None:
-                raise Refusal(404, f"session {session_id!r} not found")
-            if session["owner"]["id"] == user_id or any(m["id"] == user_id for m in session["members"]):
-                raise Refusal(409, f"{user_id!r} is already in this session")
-            session["members"] = [*session["members"], member]
-            t.update(SESSIONS, session_id, {"members": session["members"], "lastUpdated": self._clock()})
-            return session
-
-        try:
-            session = self._store.transaction(join)
-        except NotFound:
-            raise Refusal(404, f"session {session_id!r} not found") from None
-        return Admission(session_id, session["batchID"], user_id, MEMBER,
-                         owner_id=session["owner"]["id"],
-                         members=tuple(m["id"] for m in session["members"]))
+        """Add `user_id` to the session's members (or give its place back), or raise `Refusal`."""
+        return Admission(user_id, MEMBER, self._records.join(session_id, user_id, self._email(user_id)))
 
     def abandon(self, admission: Admission) -> None:
-        """Undo an admission whose upgrade failed."""
-        if admission.role == OWNER:
-            self._delete_session(admission.session_id, admission.batch_id)
-        else:
-            self._remove_member(admission.session_id, admission.user_id)
+        """Undo an admission whose upgrade failed: as if the client left at once."""
+        sid, uid = admission.session_id, admission.user_id
+        try:
+            if admission.role == MEMBER:
+                self._records.leave(sid, uid)
+            elif self._owner_grace > 0:
+                self._records.owner_away(sid, uid, self._owner_grace)
+            else:
+                self._records.end(sid, admission.batch_id)
+        except StoreError as e:
+            log.error("could not undo the admission of %r to %s: %s", uid, sid, e)
 
     # -- connected clients ---------------------------------------------------
     def connect(self, admission: Admission, peer: Peer) -> Participant:
         """Register an upgraded client: welcome it and tell the others."""
         participant = Participant(admission, peer, ImageWatches(self._listeners, admission.session_id,
                                                                 peer.safe_enqueue))
-        sid = admission.session_id
+        state, sid, uid = admission.state, admission.session_id, admission.user_id
+        live = self._live_session(state)
+        live.version = max(live.version, state.version)
         if admission.role == OWNER:
-            self._live[sid] = _LiveSession(participant)
-            peer.safe_enqueue(protocol.SESSION_CREATED(sessionID=sid, batchID=admission.batch_id, role=OWNER))
-            return participant
-        live = self._live.get(sid)
-        if live is None:  # the owner left while this member was upgrading
-            self._remove_member(sid, admission.user_id)
-            self._close_member(participant)
-            return participant
-        live.members[admission.user_id] = participant
-        peer.safe_enqueue(protocol.SESSION_JOINED(
-            sessionID=sid, role=MEMBER, ownerID=admission.owner_id, members=list(admission.members)))
-        self._broadcast(live.everyone_but(admission.user_id),
-                        protocol.MEMBER_JOINED(sessionID=sid, memberID=admission.user_id))
+            live.owner = participant
+            peer.safe_enqueue(protocol.SESSION_CREATED(sessionID=sid, batchID=state.batch_id, role=OWNER))
+            if live.owner_away:
+                live.owner_away = False
+                _broadcast(live.local_members(), protocol.OWNER_JOINED(sessionID=sid, ownerID=uid))
+        else:
+            live.members[uid] = participant
+            peer.safe_enqueue(protocol.SESSION_JOINED(sessionID=sid, role=MEMBER, ownerID=state.owner_id,
+                                                      members=list(state.members)))
+            if uid not in live.known:
+                live.known.add(uid)
+                _broadcast(live.everyone_but(uid), protocol.MEMBER_JOINED(sessionID=sid, memberID=uid))
+        self.run_pending()
         return participant
 
     def receive(self, participant: Participant, data: str | bytes) -> None:
@@ -219,95 +251,173 @@ class SessionManager:
                 log.warning("watch on image %r failed: %s", request.payload["imageID"], e)
                 participant.peer.safe_enqueue(protocol.ERROR(
                     code="watch_failed", message="could not watch this image; try again"))
+        self.run_pending()
 
     def disconnect(self, participant: Participant) -> None:
-        """A client is gone: stop its watches, update the store, tell the others."""
+        """A client is gone: stop its watches, update the store, tell the others.
+
+        While the process is stopping (a restart) nothing is written: the
+        clients are expected back, and other processes clean up after those
+        who are not.
+        """
         participant.watches.stop()
-        sid = participant.session_id
-        live = self._live.get(sid)
-        # The store is written before anyone is told, so a client that reacts to a
-        # message (re-fetching members, say) reads the new state.
-        if participant.is_owner:
-            owned = live is not None and live.owner is participant
-            if owned:
-                del self._live[sid]
-            self._delete_session(sid, participant.admission.batch_id)
-            if owned:
-                for member in list(live.members.values()):
-                    self._close_member(member)
-            return
-        if live is None or live.members.get(participant.user_id) is not participant:
-            return  # the session ended first; its teardown removed everything
-        del live.members[participant.user_id]
-        self._remove_member(sid, participant.user_id)
-        self._broadcast(live.everyone_but(participant.user_id),
-                        protocol.MEMBER_LEFT(sessionID=sid, memberID=participant.user_id))
+        live = self._live.get(participant.session_id)
+        if live is None or not live.remove(participant):
+            return  # the session ended first: its end removed everything
+        sid, uid = participant.session_id, participant.user_id
+        try:
+            if self._stopping:
+                return
+            if not participant.is_owner:
+                live.known.discard(uid)
+                self._write(live, lambda: self._records.leave(sid, uid))
+                _broadcast(live.everyone_but(uid), protocol.MEMBER_LEFT(sessionID=sid, memberID=uid))
+            elif self._owner_grace > 0:
+                live.owner_away = True
+                self._write(live, lambda: self._records.owner_away(sid, uid, self._owner_grace))
+                _broadcast(live.local_members(), protocol.OWNER_LEFT(sessionID=sid, ownerID=uid))
+            else:
+                self._end(live)
+        except StoreError as e:
+            log.error("could not record that %r left session %s: %s", uid, sid, e)
+        finally:
+            self._forget_if_empty(live)
+            self.run_pending()
+
+    # -- the process ------------------------------------------------------------
+    def start(self) -> None:
+        """Announce this process (its lease); raises `StoreError`."""
+        self._records.renew_lease(self._lease_seconds)
+
+    def maintain(self) -> None:
+        """Renew this process's lease and clean up after processes that died (call every lease/3)."""
+        try:
+            if not self._stopping:
+                self._records.renew_lease(self._lease_seconds)
+            self._records.reap(self._owner_grace, self._reconnect_grace)
+        except StoreError as e:
+            log.error("maintenance pass failed: %s", e)
+        self.run_pending()
+
+    def shutdown(self) -> None:
+        """The process is restarting: close every client with 1012 without ending anything."""
+        self._stopping = True
+        try:
+            self._records.expire_lease()
+        except StoreError as e:
+            log.error("could not expire this process's lease: %s", e)
+        for live in list(self._live.values()):
+            for participant in live.local():
+                participant.peer.close(protocol.CLOSE_SERVICE_RESTART, "service restart")
 
     def stats(self) -> dict[str, int]:
         """Counts of what this process holds, for monitoring and tests."""
+        local = [p for s in self._live.values() for p in s.local()]
         return {
             "sessions": len(self._live),
-            "participants": sum(1 + len(s.members) for s in self._live.values()),
-            "image_watches": sum(p.watches.active for s in self._live.values()
-                                 for p in (s.owner, *s.members.values())),
+            "participants": len(local),
+            "image_watches": sum(p.watches.active for p in local),
             "image_listeners": self._listeners.count(),
+            "session_listeners": sum(1 for s in self._live.values() if s.listener is not None),
         }
 
-    # -- helpers -----------------------------------------------------------------
-    @staticmethod
-    def _broadcast(recipients: list[Participant], frame: Frame) -> None:
-        for participant in recipients:
-            participant.peer.safe_enqueue(frame)
+    # -- following a session -------------------------------------------------------
+    def _live_session(self, state: SessionState) -> _LiveSession:
+        live = self._live.get(state.session_id)
+        if live is not None:
+            return live
+        live = _LiveSession(state.session_id, state.batch_id, state.owner_id, set(state.members), state.version,
+                            state.owner_away)
+        self._live[state.session_id] = live
+        try:
+            live.listener = self._store.watch_document(
+                SESSIONS, state.session_id, lambda doc: self._defer(lambda: self._on_snapshot(live, doc)))
+        except StoreError as e:
+            log.error("cannot follow session %s: events from other processes will be missed: %s",
+                      state.session_id, e)
+        return live
+
+    def _write(self, live: _LiveSession, write: Callable[[], datetime | None]) -> None:
+        """Run a store write for `live`; snapshots arriving meanwhile wait for it."""
+        live.writing += 1
+        try:
+            version = write()
+            if version is not None:
+                live.version = max(live.version, version)
+        finally:
+            live.writing -= 1
+            if not live.writing:
+                pending, live.pending = live.pending, []
+                for doc in pending:
+                    self._apply(live, doc)
+
+    def _on_snapshot(self, live: _LiveSession, doc: Data | None) -> None:
+        if self._live.get(live.session_id) is not live:
+            return  # no longer followed
+        if live.writing:
+            live.pending.append(doc)
+        else:
+            self._apply(live, doc)
+
+    def _apply(self, live: _LiveSession, doc: Data | None) -> None:
+        if self._live.get(live.session_id) is not live:
+            return
+        sid = live.session_id
+        if doc is None:
+            self._end_here(live)
+            return
+        version = doc.get("lastUpdated")
+        if isinstance(version, datetime):
+            if version < live.version:
+                return  # older than what this process wrote or saw
+            live.version = version
+        members = [m["id"] for m in doc.get("members", [])]
+        for uid in members:
+            if uid not in live.known:
+                live.known.add(uid)
+                _broadcast(live.everyone_but(uid), protocol.MEMBER_JOINED(sessionID=sid, memberID=uid))
+        for uid in [u for u in live.known if u not in members]:
+            live.known.discard(uid)
+            _broadcast(live.everyone_but(uid), protocol.MEMBER_LEFT(sessionID=sid, memberID=uid))
+        away = doc.get("ownerLeftAt") is not None and live.owner is None
+        if away != live.owner_away:
+            live.owner_away = away
+            message = protocol.OWNER_LEFT if away else protocol.OWNER_JOINED
+            _broadcast(live.local_members(), message(sessionID=sid, ownerID=live.owner_id))
+
+    def _end(self, live: _LiveSession) -> None:
+        """The owner left for good: delete the session, then close everyone here."""
+        self._unfollow(live)
+        try:
+            self._records.end(live.session_id, live.batch_id)
+        finally:
+            self._close_everyone(live)
+
+    def _end_here(self, live: _LiveSession) -> None:
+        """The session document is gone (ended by another process)."""
+        self._unfollow(live)
+        self._close_everyone(live)
 
     @staticmethod
-    def _close_member(member: Participant) -> None:
-        member.watches.stop()
-        member.peer.safe_enqueue(protocol.SESSION_CLOSED(sessionID=member.session_id))
-        member.peer.close(protocol.CLOSE_SESSION_CLOSED, "session closed")
+    def _close_everyone(live: _LiveSession) -> None:
+        frame = protocol.SESSION_CLOSED(sessionID=live.session_id)
+        for participant in live.local():
+            participant.watches.stop()
+            participant.peer.safe_enqueue(frame)
+            participant.peer.close(protocol.CLOSE_SESSION_CLOSED, "session closed")
+
+    def _unfollow(self, live: _LiveSession) -> None:
+        if self._live.get(live.session_id) is live:
+            del self._live[live.session_id]
+        listener, live.listener = live.listener, None
+        if listener is not None:
+            listener.stop()
+
+    def _forget_if_empty(self, live: _LiveSession) -> None:
+        if not live.local():
+            self._unfollow(live)
 
     def _email(self, user_id: str) -> str:
         user = self._store.get(USERS, user_id)
         email = user.get("email") if user else None
         return email if isinstance(email, str) else ""
-
-    def _remove_member(self, session_id: str, user_id: str) -> None:
-        def remove(t: Transaction) -> None:
-            session = t.get(SESSIONS, session_id)
-            if session is None:
-                return
-            # By ID: the e-mail stored with the member may differ or be unknown.
-            members = [m for m in session["members"] if m["id"] != user_id]
-            if len(members) != len(session["members"]):
-                t.update(SESSIONS, session_id, {"members": members, "lastUpdated": self._clock()})
-
-        try:
-            self._store.transaction(remove)
-        except NotFound:
-            pass  # the session was deleted meanwhile
-        except StoreError as e:
-            log.error("could not remove %r from session %s: %s", user_id, session_id, e)
-
-    def _delete_session(self, session_id: str, batch_id: str) -> None:
-        def delete(t: Transaction) -> None:
-            lock = t.get(SESSION_LOCKS, batch_id)
-            t.delete(SESSIONS, session_id)
-            if lock is not None and lock.get("sessionID") == session_id:
-                t.delete(SESSION_LOCKS, batch_id)
-
-        try:
-            self._store.transaction(delete)
-        except StoreError as e:
-            log.error("could not delete session %s: %s", session_id, e)
-
-    def _clear_stale_lock(self, batch_id: str) -> bool:
-        """Remove the batch's lock if its session no longer exists; True if the way is free."""
-        def clear(t: Transaction) -> bool:
-            lock = t.get(SESSION_LOCKS, batch_id)
-            if lock is None:
-                return True
-            if t.get(SESSIONS, lock.get("sessionID", "")) is not None:
-                return False
-            t.delete(SESSION_LOCKS, batch_id)
-            return True
-
-        return self._store.transaction(clear)

@@ -28,6 +28,11 @@ BOUNDING_BOXES = "boundingBoxes"
 #: This service's own: one document per batch with a live session, ID = batch ID.
 #: Its `create` is what makes "one live session per batch" atomic.
 SESSION_LOCKS = "sessionLocks"
+#: This service's own: one document per connected (or recently connected) client,
+#: ID `<sessionID>_<userID>`, saying which process holds it or since when it is away.
+SESSION_PRESENCE = "sessionPresence"
+#: This service's own: one document per running process, with the lease it renews.
+PROCESSES = "collabProcesses"
 
 _AUTO_ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -94,6 +99,10 @@ class Store(ABC):
     @abstractmethod
     def query(self, collection: str, field: str, value: Any) -> list[Document]:
         """Documents whose `field == value`."""
+
+    @abstractmethod
+    def documents(self, collection: str) -> list[Document]:
+        """Every document of a (small) collection."""
 
     @abstractmethod
     def set(self, collection: str, doc_id: str, data: Data) -> None:

@@ -27,6 +27,9 @@ RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 TIMEOUT = 10.0
 
 _ids = itertools.count()
+#: /dev/stats of a process holding nothing.
+IDLE = {"sessions": 0, "participants": 0, "image_watches": 0, "image_listeners": 0, "session_listeners": 0,
+        "store_watches": 0}
 
 
 def unique(prefix: str) -> str:

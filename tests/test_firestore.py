@@ -33,7 +33,7 @@ def test_start_up_with_firestore_down_fails_with_one_clear_line() -> None:
     port = free_port()  # nothing listens there
     env = {"PATH": "/usr/bin:/bin", "PORT": str(free_port()), "CANARY_STORE": "firestore",
            "FIRESTORE_EMULATOR_HOST": f"127.0.0.1:{port}", "GCP_PROJECT_ID": FIRESTORE_PROJECT,
-           "FIRESTORE_TIMEOUT_SECONDS": "2"}
+           "FIRESTORE_TIMEOUT_SECONDS": "2", "WEB_CONCURRENCY": "1"}
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     output = result.stdout + result.stderr

@@ -10,7 +10,7 @@ import threading
 from datetime import datetime
 
 import pytest
-from conftest import TIMEOUT, Client, Refused, Server, join_url, owner_url, unique, wait_for
+from conftest import IDLE, TIMEOUT, Client, Refused, Server, join_url, owner_url, unique, wait_for
 
 
 def _ts(value: str) -> datetime:
@@ -231,8 +231,7 @@ def test_owner_leaving_closes_every_member_with_4000_and_deletes_the_session(ser
         assert m.closed_with() == 4000
     assert server.doc("sessions", sid) is None
     assert server.doc("sessionLocks", batch) is None
-    wait_for(lambda: server.stats() == {"sessions": 0, "participants": 0, "image_watches": 0,
-                                        "image_listeners": 0, "store_watches": 0}, what="nothing left")
+    wait_for(lambda: server.stats() == IDLE, what="nothing left")
 
 
 def test_a_member_joining_after_the_owner_left_is_closed(server: Server) -> None:
@@ -258,7 +257,9 @@ def test_everything_returns_to_zero_after_everyone_leaves(server_factory) -> Non
     host.send({"type": "setImageID", "payload": {"imageID": "image-0"}})
     loaded = wait_for(lambda: (s := server.stats(greenlets=True))["image_watches"] == 22 and s,
                       what="22 watches")
-    assert loaded["store_watches"] == 6  # 3 images: their listeners are shared
+    assert loaded["image_listeners"] == 6  # 3 images: their listeners are shared
+    assert loaded["session_listeners"] == 1
+    assert loaded["store_watches"] == 7
     assert loaded["participants"] == 11
     assert loaded["greenlets"] > base["greenlets"]
     for m in members[:5]:

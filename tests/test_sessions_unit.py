@@ -206,7 +206,9 @@ def test_owner_disconnect_closes_the_session(manager: SessionManager, store: Mem
         assert peer.closes == [4000]
     assert store.get(SESSIONS, owner.session_id) is None
     assert store.get(SESSION_LOCKS, "b1") is None
-    assert manager.stats() == {"sessions": 0, "participants": 0, "image_watches": 0, "image_listeners": 0}
+    assert manager.stats() == {"sessions": 0, "participants": 0, "image_watches": 0, "image_listeners": 0,
+                               "session_listeners": 0}
+    assert store.watch_count() == 0
     assert "session_closed" not in owner_peer.types
 
 
@@ -224,7 +226,8 @@ def test_member_connecting_after_the_owner_left_is_closed(manager: SessionManage
     admission = manager.join_session(owner.session_id, "alice")
     manager.disconnect(owner)
     late, peer = connect(manager, admission)
-    assert peer.types == ["session_closed"]
+    # Welcomed, then told at once that the session is over (its document is gone).
+    assert peer.types == ["session_joined", "session_closed"]
     assert peer.closes == [4000]
     assert store.get(SESSIONS, owner.session_id) is None
     manager.disconnect(late)  # what the route does next: must not raise nor resurrect anything
@@ -232,16 +235,17 @@ def test_member_connecting_after_the_owner_left_is_closed(manager: SessionManage
     assert store.get(SESSIONS, owner.session_id) is None
 
 
-def test_member_connecting_when_the_owner_is_not_live_is_removed(manager: SessionManager,
-                                                                 store: MemoryStore) -> None:
-    """The session document still exists (the owner never connected here): the member is taken out of it."""
+def test_member_connecting_while_the_owner_is_on_another_process_stays(manager: SessionManager,
+                                                                     store: MemoryStore) -> None:
+    """The owner's socket is held by another process: the member is welcomed and kept."""
     owner_admission = manager.open_session("b1", "owner")
     admission = manager.join_session(owner_admission.session_id, "alice")
-    manager.join_session(owner_admission.session_id, "bob")
+    manager.join_session(owner_admission.session_id, "bob")  # through another process, after alice's admission
     _, peer = connect(manager, admission)
-    assert peer.types == ["session_closed"]
-    assert peer.closes == [4000]
-    assert member_ids(store, owner_admission.session_id) == ["bob"]
+    assert peer.types == ["session_joined", "member_joined"]  # bob, learnt from the session document
+    assert peer.messages[1]["memberID"] == "bob"
+    assert peer.closes == []
+    assert member_ids(store, owner_admission.session_id) == ["alice", "bob"]
 
 
 def test_member_disconnect_after_the_session_doc_was_deleted(manager: SessionManager, store: MemoryStore,
@@ -250,7 +254,9 @@ def test_member_disconnect_after_the_session_doc_was_deleted(manager: SessionMan
     store.delete(SESSIONS, owner.session_id)
     manager.disconnect(alice)
     assert store.get(SESSIONS, owner.session_id) is None
-    assert owner_peer.types == ["member_left"]
+    # The deletion ends the session here too, whoever deleted the document.
+    assert owner_peer.types == ["member_left", "session_closed"]
+    assert owner_peer.closes == [4000]
 
 
 # -- frames from clients -------------------------------------------------------------
@@ -272,15 +278,19 @@ def set_image(image_id: str) -> str:
     return json.dumps({"type": "setImageID", "payload": {"imageID": image_id}})
 
 
+def image_listeners(manager: SessionManager) -> int:
+    return manager.stats()["image_listeners"]
+
+
 def test_set_image_id_watches_the_image(manager: SessionManager, store: MemoryStore, live: dict) -> None:
     alice, peer = live["alice"]
     manager.receive(alice, set_image("img-1"))
-    assert store.watch_count() == 2
+    assert image_listeners(manager) == 2
     assert sorted(peer.types) == ["bounding_boxes_snapshot", "labels_snapshot"], "the first snapshots say ready"
     assert manager.stats()["image_watches"] == 2
 
     manager.receive(alice, set_image("img-2"))
-    assert store.watch_count() == 2
+    assert image_listeners(manager) == 2
     peer.clear()
     store.set(KEYPOINTS, "k1", {"imageID": "img-1"})  # the old image: nothing
     store.set(BOUNDING_BOXES, "bb1", {"imageID": "img-2"})
@@ -288,7 +298,7 @@ def test_set_image_id_watches_the_image(manager: SessionManager, store: MemorySt
     assert peer.messages[0]["sessionID"] == alice.session_id
 
     manager.disconnect(alice)
-    assert store.watch_count() == 0
+    assert image_listeners(manager) == 0
 
 
 def test_clients_on_one_image_share_its_two_listeners(manager: SessionManager, store: MemoryStore,
@@ -296,25 +306,25 @@ def test_clients_on_one_image_share_its_two_listeners(manager: SessionManager, s
     (owner, owner_peer), (alice, alice_peer) = live["owner"], live["alice"]
     manager.receive(owner, set_image("img-1"))
     manager.receive(alice, set_image("img-1"))
-    assert store.watch_count() == 2
+    assert image_listeners(manager) == 2
     assert manager.stats()["image_watches"] == 4
     # Both were told the data is ready, though only the first started the listeners.
     assert owner_peer.types.count("labels_snapshot") == alice_peer.types.count("labels_snapshot") == 1
     manager.receive(owner, set_image("img-2"))
-    assert store.watch_count() == 4
+    assert image_listeners(manager) == 4
     manager.disconnect(alice)
-    assert store.watch_count() == 2
+    assert image_listeners(manager) == 2
     manager.disconnect(owner)
-    assert store.watch_count() == 0
+    assert image_listeners(manager) == 0
 
 
 def test_owner_disconnect_stops_every_watch(manager: SessionManager, store: MemoryStore, live: dict) -> None:
     (owner, _), (alice, _) = live["owner"], live["alice"]
     manager.receive(owner, set_image("img-1"))
     manager.receive(alice, set_image("img-2"))
-    assert store.watch_count() == 4
+    assert image_listeners(manager) == 4
     manager.disconnect(owner)
-    assert store.watch_count() == 0
+    assert image_listeners(manager) == 0
 
 
 def test_a_failing_watch_leaves_nothing_open() -> None:
@@ -325,7 +335,8 @@ def test_a_failing_watch_leaves_nothing_open() -> None:
     manager.receive(owner, set_image("img-1"))
     errors = [m for m in peer.messages if m["type"] == "error"]
     assert [e["code"] for e in errors] == ["watch_failed"]
-    assert store.watch_count() == 0
+    assert image_listeners(manager) == 0
+    assert store.watch_count() == 1  # the session document's listener only
     assert manager.stats()["image_watches"] == 0
     assert peer.closes == []
 
