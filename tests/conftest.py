@@ -187,6 +187,18 @@ class Server:
         self.put("batches", batch, {"projectID": project, "batchName": "B"})
         return batch, owner
 
+    def worker_pids(self) -> list[int]:
+        """The gunicorn workers (children of the master)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

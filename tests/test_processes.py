@@ -1,0 +1,197 @@
+"""Sessions across real processes: two gunicorn instances sharing one Firestore emulator.
+
+The bundled emulator does not isolate transactions, so two processes writing the
+same session document at the same instant can lose an update there (not on
+Firestore). These tests therefore wait for each membership change to be seen
+before making the next; the interleavings themselves are covered by the
+sans-I/O tests in test_processes_unit.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Client, Emulator, Server, join_url, owner_url, start_server, wait_for
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+LEASE, GRACE = "1.5", "3"
+QUIET = ("keepalive", "labels_snapshot", "bounding_boxes_snapshot")
+
+
+@pytest.fixture
+def start(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., Server]]:
+    started: list[Server] = []
+
+    def start_one(**env: str) -> Server:
+        settings = {"PROCESS_LEASE_SECONDS": LEASE, "RECONNECT_GRACE_SECONDS": GRACE, "WEB_CONCURRENCY": "1"}
+        server = start_server(tmp_path, emulator, **{**settings, **env})
+        started.append(server)
+        return server
+
+    yield start_one
+    for server in started:
+        server.stop()
+
+
+def until(client: Client, kind: str, subject: str | None = None, timeout: float = 10) -> list[dict[str, Any]]:
+    """The messages up to and including the first `kind` (about `subject`)."""
+    seen = []
+    while True:
+        message = client.recv(timeout=timeout, skip=QUIET)
+        seen.append(message)
+        if message["type"] == kind and subject in (None, message.get("memberID"), message.get("ownerID")):
+            return seen
+
+
+def test_membership_events_reach_every_process_exactly_once(start: Callable[..., Server]) -> None:
+    a, b = start(), start()
+    batch, owner = a.batch()
+    host = Client.connect(owner_url(a, batch, owner))
+    sid = host.welcome["sessionID"]
+    clients = {"host": host}
+    for name, server in (("a1", a), ("b1", b), ("b2", b), ("a2", a)):
+        clients[name] = Client.connect(join_url(server, sid, name))
+        for other, client in clients.items():
+            if other != name:
+                assert [m["type"] for m in until(client, "member_joined", name)] == ["member_joined"]
+    for name in ("b1", "a1"):  # one at a time: see the module's docstring
+        clients.pop(name).close()
+        for client in clients.values():
+            assert [(m["type"], m["memberID"]) for m in until(client, "member_left", name)] == \
+                [("member_left", name)]
+    # A last change is a barrier: any duplicate of the events above would have come before it.
+    sentinel = Client.connect(join_url(b, sid, "sentinel"))
+    for client in clients.values():
+        assert [m["type"] for m in until(client, "member_joined", "sentinel")] == ["member_joined"]
+    doc = b.doc("sessions", sid)
+    assert [m["id"] for m in doc["members"]] == ["b2", "a2", "sentinel"]
+
+    host.close()  # the owner leaves on A: members on both processes are closed with 4000
+    started = time.monotonic()
+    for name, client in [*clients.items(), ("sentinel", sentinel)]:
+        if name != "host":
+            assert until(client, "session_closed")[-1]["sessionID"] == sid
+            assert client.closed_with(skip=QUIET) == 4000
+    assert time.monotonic() - started < 2
+    assert b.doc("sessions", sid) is None
+    for server in (a, b):
+        wait_for(lambda s=server: s.stats()["sessions"] == 0, what="nothing followed any more")
+
+
+def test_sigterm_closes_clients_with_1012_and_they_continue_elsewhere(start: Callable[..., Server]) -> None:
+    # Time enough for 99 clients to come back one after the other before the grace ends.
+    a, b = start(RECONNECT_GRACE_SECONDS="10"), start(RECONNECT_GRACE_SECONDS="10")
+    batch, owner = b.batch()
+    host = Client.connect(owner_url(b, batch, owner))
+    sid = host.welcome["sessionID"]
+    members = {f"m{i:03}": Client.connect(join_url(a, sid, f"m{i:03}")) for i in range(100)}
+    until(host, "member_joined", "m099", timeout=30)
+
+    signalled = time.monotonic()
+    a.process.send_signal(signal.SIGTERM)
+    for name, client in members.items():
+        assert client.closed_with(skip=(*QUIET, "member_joined")) == 1012, name
+    assert time.monotonic() - signalled < 2, "every client is closed within 2 s"
+    a.process.wait(timeout=5)
+    assert time.monotonic() - signalled < 5
+
+    doc = b.doc("sessions", sid)
+    assert [m["id"] for m in doc["members"]] == list(members)  # a restart is not a leave
+    back = {name: Client.connect(join_url(b, sid, name)) for name in list(members)[:-1]}
+    assert all(c.welcome["type"] == "session_joined" for c in back.values())
+    host.roundtrip()  # the owner was told nothing: nobody left, nobody joined
+
+    # m099 never comes back: removed after the grace by the process that is alive.
+    left = until(host, "member_left", timeout=30)
+    assert [(m["type"], m.get("memberID")) for m in left] == [("member_left", "m099")]
+    assert [m["id"] for m in b.doc("sessions", sid)["members"]] == list(back)
+    back["m000"].send({"type": "ping"})
+    assert until(back["m000"], "pong")[-1]["type"] == "pong"
+    for client in back.values():
+        client.close()
+    host.close()
+
+
+def test_owner_grace_resume_and_expiry(start: Callable[..., Server]) -> None:
+    a, b = start(OWNER_GRACE_SECONDS=GRACE), start(OWNER_GRACE_SECONDS=GRACE)
+    batch, owner = a.batch()
+    host = Client.connect(owner_url(a, batch, owner))
+    sid = host.welcome["sessionID"]
+    member = Client.connect(join_url(b, sid, "m"))
+
+    host.close()
+    left = until(member, "owner_left")[-1]
+    assert left == {"type": "owner_left", "sessionID": sid, "ownerID": owner, "time": left["time"]}
+    # Back within the grace, through the other process: the same session resumes.
+    host = Client.connect(owner_url(b, batch, owner))
+    assert (host.welcome["type"], host.welcome["sessionID"]) == ("session_created", sid)
+    joined = until(member, "owner_joined")[-1]
+    assert joined == {"type": "owner_joined", "sessionID": sid, "ownerID": owner, "time": joined["time"]}
+    assert b.doc("sessions", sid)["ownerLeftAt"] is None
+
+    # Gone for longer than the grace: the session ends as if the owner had left for good.
+    host.close()
+    until(member, "owner_left")
+    gone = time.monotonic()
+    assert until(member, "session_closed", timeout=15)[-1]["sessionID"] == sid
+    assert member.closed_with(skip=QUIET) == 4000
+    assert time.monotonic() - gone >= float(GRACE) - 0.5
+    assert b.doc("sessions", sid) is None
+    assert b.doc("sessionLocks", batch) is None
+
+
+def test_a_killed_owner_process_is_cleaned_up_by_the_other(start: Callable[..., Server]) -> None:
+    a, b = start(OWNER_GRACE_SECONDS=GRACE), start(OWNER_GRACE_SECONDS=GRACE)
+    batch, owner = a.batch()
+    host = Client.connect(owner_url(a, batch, owner))
+    sid = host.welcome["sessionID"]
+    member = Client.connect(join_url(b, sid, "m"))
+    (worker,) = a.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    killed = time.monotonic()
+    until(member, "owner_left", timeout=15)  # its lease ran out
+    assert until(member, "session_closed", timeout=20)[-1]["sessionID"] == sid
+    assert member.closed_with(skip=QUIET) == 4000
+    assert time.monotonic() - killed >= float(GRACE)
+    assert b.doc("sessions", sid) is None
+
+
+def _kill(client: Client) -> None:
+    """Drop the TCP connection without a close frame, as a crashing browser would."""
+    client.ws.sock.shutdown(socket.SHUT_RDWR)
+    client.ws.sock.close()
+
+
+def test_churn_leaves_the_store_matching_the_connected_clients(start: Callable[..., Server]) -> None:
+    a, b = start(), start()
+    batch, owner = a.batch()
+    host = Client.connect(owner_url(a, batch, owner))
+    sid = host.welcome["sessionID"]
+    rng = random.Random(2026)
+    users = [f"u{i:02}" for i in range(20)]
+    connected: dict[str, Client] = {}
+    for _ in range(500):
+        user = rng.choice(users)
+        if user in connected:
+            client = connected.pop(user)
+            _kill(client) if rng.random() < 0.5 else client.close()
+            until(host, "member_left", user)
+        else:
+            connected[user] = Client.connect(join_url(rng.choice((a, b)), sid, user))
+            until(host, "member_joined", user)
+    doc = b.doc("sessions", sid)
+    assert sorted(m["id"] for m in doc["members"]) == sorted(connected)
+    presence = b.firestore.collection("sessionPresence").where(filter=FieldFilter("sessionID", "==", sid)).get()
+    assert sorted(p.get("userID") for p in presence) == sorted([*connected, owner])
+    for client in connected.values():
+        client.close()
+    host.close()
+    wait_for(lambda: b.doc("sessions", sid) is None, what="the session to end")
