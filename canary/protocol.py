@@ -91,8 +91,8 @@ MEMBER_LEFT = ServerMessage(
 OWNER_LEFT = ServerMessage(
     "owner_left",
     ("sessionID", "ownerID", "time"),
-    "every member, when the owner disconnects and `OWNER_GRACE_SECONDS` > 0",
-    "The owner is gone but the session waits `OWNER_GRACE_SECONDS` for them to come back.",
+    "every member, when the owner disconnects (with `OWNER_GRACE_SECONDS` > 0) or the owner's process stops",
+    "The owner is gone; the session waits for them to come back (the grace), then ends.",
 )
 OWNER_JOINED = ServerMessage(
     "owner_joined",
