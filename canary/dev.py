@@ -22,14 +22,14 @@ def _store() -> Store:
     return current_app.extensions["canary.store"]
 
 
-def _plain(value: Any) -> Any:
+def as_json(value: Any) -> Any:
     """Store values as JSON: timestamps become RFC 3339 strings."""
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: as_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [as_json(v) for v in value]
     return value
 
 
@@ -38,7 +38,7 @@ def get_document(collection: str, doc_id: str) -> Response:
     data = _store().get(collection, doc_id)
     if data is None:
         return error(404, f"{collection}/{doc_id} not found")
-    return jsonify(_plain(data))
+    return jsonify(as_json(data))
 
 
 @bp.put("/documents/<collection>/<doc_id>")
@@ -62,7 +62,7 @@ def query_documents(collection: str) -> Response:
     field, value = request.args.get("field"), request.args.get("value")
     if field is None or value is None:
         return error(400, "give field and value")
-    return jsonify({d.id: _plain(d.data) for d in _store().query(collection, field, value)})
+    return jsonify({d.id: as_json(d.data) for d in _store().query(collection, field, value)})
 
 
 @bp.get("/stats")

@@ -10,17 +10,19 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websocket
+
+from canary.dev import as_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
@@ -111,17 +113,6 @@ class Emulator:
 FIRESTORE_PROJECT = "demo-canary-tests"
 
 
-def _plain(value: Any) -> Any:
-    """Documents as the dev API renders them: timestamps as ISO strings."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 @dataclass
 class Server:
     """A running `gunicorn -c gunicorn.conf.py wsgi:app`."""
@@ -159,7 +150,7 @@ class Server:
     def doc(self, collection: str, doc_id: str) -> dict[str, Any] | None:
         if self.firestore is not None:
             snapshot = self.firestore.collection(collection).document(doc_id).get()
-            return _plain(snapshot.to_dict()) if snapshot.exists else None
+            return as_json(snapshot.to_dict())  # as the dev API renders it if snapshot.exists else None
         status, _, body = self.request("GET", f"/dev/documents/{collection}/{doc_id}")
         if status == 404:
             return None
@@ -363,6 +354,27 @@ class Client:
 
     def close(self) -> None:
         self.ws.close()
+
+
+def connect_at_once(urls: list[str]) -> tuple[list[Client], list[int]]:
+    """Open all `urls` at the same instant (one thread each): the clients accepted, the statuses refused."""
+    barrier = threading.Barrier(len(urls))
+    accepted: list[Client] = []
+    refused: list[int] = []
+
+    def connect(url: str) -> None:
+        barrier.wait()
+        try:
+            accepted.append(Client.connect(url))
+        except Refused as e:
+            refused.append(e.status)
+
+    threads = [threading.Thread(target=connect, args=(url,)) for url in urls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return accepted, sorted(refused)
 
 
 def owner_url(server: Server, batch: str, user: str) -> str:

@@ -15,6 +15,7 @@ from conftest import (
     Client,
     Emulator,
     Refused,
+    connect_at_once,
     free_port,
     join_url,
     owner_url,
@@ -68,24 +69,9 @@ def test_the_same_user_joining_twice_at_once_gets_one_membership(server_factory,
     batch, owner = server.batch()
     host = Client.connect(owner_url(server, batch, owner))
     sid = host.welcome["sessionID"]
-    barrier = threading.Barrier(6)
-    results: list[object] = []
-
-    def join() -> None:
-        barrier.wait()
-        try:
-            results.append(Client.connect(join_url(server, sid, "twin")))
-        except Refused as e:
-            results.append(e.status)
-
-    threads = [threading.Thread(target=join) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    joined = [r for r in results if isinstance(r, Client)]
+    joined, refused = connect_at_once([join_url(server, sid, "twin")] * 6)
     assert len(joined) == 1
-    assert sorted(r for r in results if not isinstance(r, Client)) == [409] * 5
+    assert refused == [409] * 5
     assert [m["id"] for m in server.doc("sessions", sid)["members"]] == ["twin"]
     joined[0].close()
     host.close()

@@ -6,11 +6,10 @@ import base64
 import json
 import os
 import socket
-import threading
 from datetime import datetime
 
 import pytest
-from conftest import IDLE, TIMEOUT, Client, Refused, Server, join_url, owner_url, unique, wait_for
+from conftest import IDLE, TIMEOUT, Client, Refused, Server, connect_at_once, join_url, owner_url, unique, wait_for
 
 
 def _ts(value: str) -> datetime:
@@ -132,24 +131,9 @@ def test_create_refusals(server: Server) -> None:
 
 def test_simultaneous_creates_exactly_one_wins(server: Server) -> None:
     batch, owner = server.batch()
-    barrier = threading.Barrier(8)
-    results: list[object] = []
-
-    def create() -> None:
-        barrier.wait()
-        try:
-            results.append(Client.connect(owner_url(server, batch, owner)))
-        except Refused as e:
-            results.append(e.status)
-
-    threads = [threading.Thread(target=create) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-    winners = [r for r in results if isinstance(r, Client)]
+    winners, refused = connect_at_once([owner_url(server, batch, owner)] * 8)
     assert len(winners) == 1
-    assert sorted(r for r in results if not isinstance(r, Client)) == [409] * 7
+    assert refused == [409] * 7
     assert server.doc("sessionLocks", batch)["sessionID"] == winners[0].welcome["sessionID"]
     winners[0].close()
 

@@ -120,12 +120,17 @@ def test_sigterm_closes_clients_with_1012_and_they_continue_elsewhere(start: Cal
     host.close()
 
 
-def test_owner_grace_resume_and_expiry(start: Callable[..., Server]) -> None:
+def _owner_on_a_member_on_b(start: Callable[..., Server]) -> tuple[Server, Server, str, str, Client, Client]:
     a, b = start(OWNER_GRACE_SECONDS=GRACE), start(OWNER_GRACE_SECONDS=GRACE)
     batch, owner = a.batch()
     host = Client.connect(owner_url(a, batch, owner))
+    member = Client.connect(join_url(b, host.welcome["sessionID"], "m"))
+    return a, b, batch, owner, host, member
+
+
+def test_owner_grace_resume_and_expiry(start: Callable[..., Server]) -> None:
+    _, b, batch, owner, host, member = _owner_on_a_member_on_b(start)
     sid = host.welcome["sessionID"]
-    member = Client.connect(join_url(b, sid, "m"))
 
     host.close()
     left = until(member, "owner_left")[-1]
@@ -149,11 +154,8 @@ def test_owner_grace_resume_and_expiry(start: Callable[..., Server]) -> None:
 
 
 def test_a_killed_owner_process_is_cleaned_up_by_the_other(start: Callable[..., Server]) -> None:
-    a, b = start(OWNER_GRACE_SECONDS=GRACE), start(OWNER_GRACE_SECONDS=GRACE)
-    batch, owner = a.batch()
-    host = Client.connect(owner_url(a, batch, owner))
+    a, b, _, _, host, member = _owner_on_a_member_on_b(start)
     sid = host.welcome["sessionID"]
-    member = Client.connect(join_url(b, sid, "m"))
     (worker,) = a.worker_pids()
     os.kill(worker, signal.SIGKILL)
     killed = time.monotonic()
