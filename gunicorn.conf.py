@@ -51,6 +51,7 @@ def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn's hook signatur
 
     def on_sigterm(signum, frame):  # noqa: ANN001, ANN202
         gevent.spawn(shutdown, worker.wsgi)
-        previous(signum, frame)
+        if callable(previous):  # gunicorn's own: stop accepting, wait for connections, exit
+            previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)

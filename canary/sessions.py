@@ -168,8 +168,13 @@ class SessionManager:
             self._deferred.popleft()()
 
     # -- admission (before the upgrade) ------------------------------------
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise Refusal(503, "the service is restarting; connect again")
+
     def open_session(self, batch_id: str, user_id: str) -> Admission:
         """Create a session on `batch_id` owned by `user_id` (or resume it), or raise `Refusal`."""
+        self._check_running()
         batch = self._store.get(BATCHES, batch_id)
         if batch is None:
             raise Refusal(404, f"batch {batch_id!r} not found")
@@ -196,6 +201,7 @@ class SessionManager:
 
     def join_session(self, session_id: str, user_id: str) -> Admission:
         """Add `user_id` to the session's members (or give its place back), or raise `Refusal`."""
+        self._check_running()
         return Admission(user_id, MEMBER, self._records.join(session_id, user_id, self._email(user_id)))
 
     def abandon(self, admission: Admission) -> None:

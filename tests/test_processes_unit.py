@@ -202,6 +202,9 @@ def test_a_restart_is_not_a_leave(world: World) -> None:
     assert world.members(sid) == ["m1", "m2"]
     assert owner_peer.take() == []
     assert world.store.get(PROCESSES, "A")["leaseUntil"] <= world.clock()
+    with pytest.raises(Refusal) as caught:  # a stopping process takes no new clients
+        world.a.join_session(sid, "m3")
+    assert caught.value.status == 503
 
     # m1 comes back, through B: it continues, nobody is told it joined.
     _back, back_peer = world.join(world.b, sid, "m1")
