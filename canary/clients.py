@@ -45,12 +45,13 @@ class Client:
     """
 
     def __init__(self, connection: Connection, *, name: str, limit: int, keepalive_seconds: float,
-                 keepalive: Callable[[], Frame]) -> None:
+                 keepalive: Callable[[], Frame], ping_seconds: float | None = None) -> None:
         self.name = name
         self._connection = connection
         self._limit = limit
         self._keepalive_seconds = keepalive_seconds
         self._keepalive = keepalive
+        self._ping_seconds = ping_seconds
         self._queue: gevent.queue.Queue[Frame | str | _Close] = gevent.queue.Queue()
         self._pending: dict[str, Frame] = {}
         self._closing: _Close | None = None
@@ -112,24 +113,37 @@ class Client:
             self._writer.kill(block=True, timeout=timeout)
 
     def _write_loop(self) -> None:
-        send = self._connection.send
-        next_beat = time.monotonic() + self._keepalive_seconds
+        connection = self._connection
+        now = time.monotonic()
+        next_beat = now + self._keepalive_seconds
+        next_ping = now + self._ping_seconds if self._ping_seconds else float("inf")
         try:
             while True:
+                now = time.monotonic()
+                if now >= next_ping:
+                    if not connection.ping():
+                        # No pong since the last ping: the peer is gone (TCP open, nothing answering).
+                        log.info("closing %s: no answer to pings for %g s", self.name, 2 * self._ping_seconds)
+                        self._closing = self._closing or _Close(1008, "", flush=False)
+                        connection.close(1008, "ping timeout")
+                        connection.abort()
+                        return
+                    next_ping = now + self._ping_seconds
+                if now >= next_beat:
+                    connection.send(self._keepalive().text)
+                    next_beat = now + self._keepalive_seconds
                 try:
-                    item = self._queue.get(timeout=max(0.0, next_beat - time.monotonic()))
+                    item = self._queue.get(timeout=min(next_beat, next_ping) - now)
                 except gevent.queue.Empty:
-                    send(self._keepalive().text)
-                    next_beat = time.monotonic() + self._keepalive_seconds
                     continue
                 if isinstance(item, _Close):
-                    self._connection.close(item.code, item.reason)
+                    connection.close(item.code, item.reason)
                     return
                 if self._closing is not None and not self._closing.flush:
                     continue  # skip to the close: the client is not reading
-                send(self._pending.pop(item).text if isinstance(item, str) else item.text)
+                connection.send(self._pending.pop(item).text if isinstance(item, str) else item.text)
         except (ConnectionClosed, OSError) as e:
             # The peer is gone or stopped reading for longer than the write timeout.
             log.debug("writer of %s ends: %r", self.name, e)
             self._closing = self._closing or _Close(1006, "", flush=False)
-            self._connection.abort()
+            connection.abort()

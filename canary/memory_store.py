@@ -7,7 +7,6 @@ callbacks run after the commit, outside the lock, in the committing thread.
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,6 +25,16 @@ from .store import (
 )
 
 _Key = tuple[str, str]  # (collection, document ID)
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of JSON-like data (dicts, lists, immutable leaves): several times faster
+    than `copy.deepcopy`, which matters for session documents with many members."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 class _MemoryWatch(Watch):
@@ -50,13 +59,13 @@ class _MemoryTransaction(Transaction):
         return self._store._read(collection, doc_id)
 
     def create(self, collection: str, doc_id: str, data: Data) -> None:
-        self.writes.append(("create", (collection, doc_id), copy.deepcopy(data)))
+        self.writes.append(("create", (collection, doc_id), _copy(data)))
 
     def set(self, collection: str, doc_id: str, data: Data) -> None:
-        self.writes.append(("set", (collection, doc_id), copy.deepcopy(data)))
+        self.writes.append(("set", (collection, doc_id), _copy(data)))
 
     def update(self, collection: str, doc_id: str, fields: Data) -> None:
-        self.writes.append(("update", (collection, doc_id), copy.deepcopy(fields)))
+        self.writes.append(("update", (collection, doc_id), _copy(fields)))
 
     def delete(self, collection: str, doc_id: str) -> None:
         self.writes.append(("delete", (collection, doc_id), None))
@@ -70,26 +79,26 @@ class MemoryStore(Store):
         self._docs: dict[str, dict[str, Data]] = {}
         self._watches: dict[str, set[_MemoryWatch]] = {}
         for collection, docs in (seed or {}).items():
-            self._docs[collection] = copy.deepcopy(docs)
+            self._docs[collection] = _copy(docs)
 
     # -- reads --------------------------------------------------------------
     def _read(self, collection: str, doc_id: str) -> Data | None:
         with self._lock:
             doc = self._docs.get(collection, {}).get(doc_id)
-            return copy.deepcopy(doc) if doc is not None else None
+            return _copy(doc) if doc is not None else None
 
     def get(self, collection: str, doc_id: str) -> Data | None:
         return self._read(collection, doc_id)
 
     def query(self, collection: str, field: str, value: Any) -> list[Document]:
         with self._lock:
-            return [Document(doc_id, copy.deepcopy(data))
+            return [Document(doc_id, _copy(data))
                     for doc_id, data in self._docs.get(collection, {}).items()
                     if data.get(field) == value]
 
     def documents(self, collection: str) -> list[Document]:
         with self._lock:
-            return [Document(i, copy.deepcopy(d)) for i, d in self._docs.get(collection, {}).items()]
+            return [Document(i, _copy(d)) for i, d in self._docs.get(collection, {}).items()]
 
     # -- writes -------------------------------------------------------------
     def set(self, collection: str, doc_id: str, data: Data) -> None:

@@ -100,8 +100,7 @@ def _serve(admit: Callable[[str], Admission]) -> Response:
     svc.auth.check(bearer_token(request.headers.get("Authorization"), request.args.get("auth")), user_id)
     admission = admit(user_id)
     try:
-        connection = accept(request.environ, ping_interval=config.idle_timeout_seconds / 2,
-                            max_message_bytes=config.max_message_bytes,
+        connection = accept(request.environ, max_message_bytes=config.max_message_bytes,
                             write_timeout=config.idle_timeout_seconds)
     except Exception as e:  # a malformed handshake, or the client left during it
         log.info("upgrade failed for %s in session %s: %r", user_id, admission.session_id, e)
@@ -110,7 +109,8 @@ def _serve(admit: Callable[[str], Admission]) -> Response:
     name = f"{admission.role} {user_id!r} of session {admission.session_id}"
     client = Client(connection, name=name, limit=config.client_queue_size,
                     keepalive_seconds=config.keepalive_seconds,
-                    keepalive=lambda: protocol.KEEPALIVE(role=admission.role, sessionID=admission.session_id))
+                    keepalive=lambda: protocol.KEEPALIVE(role=admission.role, sessionID=admission.session_id),
+                    ping_seconds=config.idle_timeout_seconds / 2)
     participant = svc.sessions.connect(admission, client)
     log.info("%s connected", name)
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -220,9 +220,10 @@ class SessionManager:
     # -- connected clients ---------------------------------------------------
     def connect(self, admission: Admission, peer: Peer) -> Participant:
         """Register an upgraded client: welcome it and tell the others."""
-        participant = Participant(admission, peer, ImageWatches(self._listeners, admission.session_id,
-                                                                peer.safe_enqueue))
         state, sid, uid = admission.state, admission.session_id, admission.user_id
+        # A participant keeps its admission, not the member list of the moment (O(members) each).
+        kept = Admission(uid, admission.role, replace(state, members=()))
+        participant = Participant(kept, peer, ImageWatches(self._listeners, sid, peer.safe_enqueue))
         live = self._live_session(state)
         live.version = max(live.version, state.version)
         if admission.role == OWNER:
@@ -377,7 +378,7 @@ class SessionManager:
             if version < live.version:
                 return  # older than what this process wrote or saw
             live.version = version
-        members = [m["id"] for m in doc.get("members", [])]
+        members = {m["id"]: None for m in doc.get("members", [])}  # ordered, constant-time lookups
         for uid in members:
             if uid not in live.known:
                 live.known.add(uid)

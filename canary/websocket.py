@@ -24,6 +24,7 @@ from typing import Any
 
 from flask import Response
 from simple_websocket import ConnectionClosed, Server
+from wsproto.events import Ping
 
 __all__ = ["Connection", "ConnectionClosed", "accept", "is_upgrade"]
 
@@ -80,15 +81,15 @@ class _Socket:
 class Connection:
     """One accepted WebSocket."""
 
-    def __init__(self, environ: dict[str, Any], *, ping_interval: float, max_message_bytes: int,
-                 write_timeout: float) -> None:
+    def __init__(self, environ: dict[str, Any], *, max_message_bytes: int, write_timeout: float) -> None:
         if "gunicorn.socket" not in environ:
             raise RuntimeError("WebSockets need gunicorn's gevent worker (no gunicorn.socket in environ)")
         # Refuse permessage-deflate: simple-websocket has no option for it.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
-        self._socket = _Socket(environ["gunicorn.socket"], write_timeout)
-        environ = {**environ, "gunicorn.socket": self._socket}
-        self._ws = Server(environ, ping_interval=ping_interval, max_message_size=max_message_bytes)
+        self._socket = environ["gunicorn.socket"] = _Socket(environ["gunicorn.socket"], write_timeout)
+        # No ping_interval: simple-websocket would then wait in a selector before every read
+        # (a third of the CPU of a ping round trip); the client's writer sends the pings.
+        self._ws = Server(environ, max_message_size=max_message_bytes)
         self._interrupted = False
 
     @property
@@ -118,6 +119,15 @@ class Connection:
     def send(self, text: str) -> None:
         """Write one text message; raises `ConnectionClosed` or `OSError`."""
         self._ws.send(text)
+
+    def ping(self) -> bool:
+        """Send a WebSocket ping; False (and nothing sent) if the previous one got no pong."""
+        ws = self._ws
+        if not ws.pong_received:
+            return False
+        ws.pong_received = False  # set again by simple-websocket's reader when the pong arrives
+        self._socket.send(ws.ws.send(Ping()))
+        return True
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame (if still open) and wake the receiver."""
@@ -153,8 +163,6 @@ def handled() -> Response:
     return _AlreadyHandled()
 
 
-def accept(environ: dict[str, Any], *, ping_interval: float, max_message_bytes: int,
-           write_timeout: float) -> Connection:
+def accept(environ: dict[str, Any], *, max_message_bytes: int, write_timeout: float) -> Connection:
     """Complete the handshake (send the 101) and return the connection."""
-    return Connection(environ, ping_interval=ping_interval, max_message_bytes=max_message_bytes,
-                      write_timeout=write_timeout)
+    return Connection(environ, max_message_bytes=max_message_bytes, write_timeout=write_timeout)
