@@ -33,6 +33,7 @@ class Frame(NamedTuple):
     type: str
     text: str
     coalesce: bool
+    data: bytes  # `text` in UTF-8: what goes on the wire
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class ServerMessage:
         if values.keys() != set(self.fields):
             raise TypeError(f"{self.type} takes exactly {self.fields}, got {tuple(values)}")
         body = {"type": self.type, **{name: values[name] for name in self.fields}}
-        return Frame(self.type, json.dumps(body, separators=(",", ":")), self.coalesce)
+        text = json.dumps(body, separators=(",", ":"))
+        return Frame(self.type, text, self.coalesce, text.encode())
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,7 @@ def _serve(admit: Callable[[str], Admission]) -> Response:
     svc.auth.check(bearer_token(request.headers.get("Authorization"), request.args.get("auth")), user_id)
     admission = admit(user_id)
     try:
-        connection = accept(request.environ, max_message_bytes=config.max_message_bytes,
-                            write_timeout=config.idle_timeout_seconds)
+        connection = accept(request.environ, max_message_bytes=config.max_message_bytes)
     except Exception as e:  # a malformed handshake, or the client left during it
         log.info("upgrade failed for %s in session %s: %r", user_id, admission.session_id, e)
         svc.sessions.abandon(admission)
@@ -110,7 +109,7 @@ def _serve(admit: Callable[[str], Admission]) -> Response:
     client = Client(connection, name=name, limit=config.client_queue_size,
                     keepalive_seconds=config.keepalive_seconds,
                     keepalive=lambda: protocol.KEEPALIVE(role=admission.role, sessionID=admission.session_id),
-                    ping_seconds=config.idle_timeout_seconds / 2)
+                    ping_seconds=config.idle_timeout_seconds / 2, write_timeout=config.idle_timeout_seconds)
     participant = svc.sessions.connect(admission, client)
     log.info("%s connected", name)
     try:

@@ -43,7 +43,7 @@ class FakeConnection:
         self.fail_with: Exception | None = None
         self.killed = False
 
-    def send(self, text: str) -> None:
+    def send(self, data: bytes) -> None:
         if self.fail_with is not None:
             raise self.fail_with
         if not self.gate.is_set():
@@ -53,10 +53,18 @@ class FakeConnection:
         except gevent.GreenletExit:
             self.killed = True
             raise
-        self.log.append(("send", text))
+        self.log.append(("send", data.decode()))
 
     def close(self, code: int, reason: str) -> None:
         self.log.append(("close", code, reason))
+
+    answering = True  # does the peer answer pings?
+
+    def ping(self) -> bool:
+        """Like Connection.ping: False when the previous ping got no pong."""
+        pinged_before = self.count("ping") > 0
+        self.log.append(("ping",))
+        return self.answering or not pinged_before
 
     def abort(self) -> None:
         self.log.append(("abort",))
@@ -97,10 +105,10 @@ def make_client() -> Iterator[MakeClient]:
     """Build clients on fake connections; each is unblocked and stopped at the end."""
     made: list[tuple[Client, FakeConnection]] = []
 
-    def make(limit: int = 64, keepalive_seconds: float = 60.0) -> tuple[Client, FakeConnection]:
+    def make(limit: int = 64, keepalive_seconds: float = 60.0, **timers: float) -> tuple[Client, FakeConnection]:
         conn = FakeConnection()
         client = Client(conn, name="test client", limit=limit, keepalive_seconds=keepalive_seconds,
-                        keepalive=lambda: protocol.KEEPALIVE(role="owner", sessionID="s"))
+                        keepalive=lambda: protocol.KEEPALIVE(role="owner", sessionID="s"), **timers)
         made.append((client, conn))
         return client, conn
 
@@ -288,3 +296,23 @@ def test_stop_kills_a_stuck_writer_and_aborts(make_client: MakeClient) -> None:
 )
 def test_is_upgrade(environ: dict[str, str], expected: bool) -> None:
     assert is_upgrade(environ) is expected
+
+
+def test_a_write_blocked_longer_than_the_write_timeout_cuts_the_connection(make_client: MakeClient) -> None:
+    client, conn = make_client(write_timeout=0.2)
+    conn.gate.clear()  # the peer stopped reading: the write blocks
+    client.safe_enqueue(note(1))
+    conn.waiting.wait(5)
+    started = time.monotonic()
+    wait_until(lambda: conn.count("abort") == 1, "the connection to be cut")
+    assert time.monotonic() - started >= 0.15
+
+
+def test_pings_go_out_and_a_peer_that_stops_answering_is_closed_with_1008(make_client: MakeClient) -> None:
+    client, conn = make_client(ping_seconds=0.05)
+    wait_until(lambda: conn.count("ping") >= 3, "three pings")
+    assert conn.closes == []  # a peer that answers stays
+    conn.answering = False
+    wait_until(lambda: conn.closes == [(1008, "ping timeout")], "the close")
+    assert conn.count("abort") == 1
+    assert client.safe_enqueue(note(1)) is False

@@ -123,8 +123,8 @@ class _Connection:
     def __init__(self) -> None:
         self.sent: list[str] = []
 
-    def send(self, text: str) -> None:
-        self.sent.append(text)
+    def send(self, data: bytes) -> None:
+        self.sent.append(data.decode())
 
     def close(self, code: int, reason: str) -> None:
         pass
