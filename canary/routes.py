@@ -111,6 +111,7 @@ def _serve(admit: Callable[[str], Admission]) -> Response:
                     keepalive=lambda: protocol.KEEPALIVE(role=admission.role, sessionID=admission.session_id),
                     ping_seconds=config.idle_timeout_seconds / 2, write_timeout=config.idle_timeout_seconds)
     participant = svc.sessions.connect(admission, client)
+    admission = participant.admission  # the slim copy: this frame lives as long as the connection
     log.info("%s connected", name)
     try:
         while True:
