@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: run run-firestore test lint bench clean
+.PHONY: run run-firestore test lint bench bench-firestore clean
 
 $(BIN)/gunicorn: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,9 +48,12 @@ test: $(BIN)/pytest $(EMULATOR)
 lint: $(BIN)/pytest
 	$(BIN)/ruff check .
 
-## Benchmarks (not part of the tests): prints figures for this machine.
+## Benchmarks (not part of the tests): print figures for this machine (docs/benchmarks.md).
 bench: $(BIN)/pytest
 	$(BIN)/python bench/fanout.py
+
+bench-firestore: $(BIN)/pytest $(EMULATOR)
+	$(BIN)/python bench/firestore_latency.py
 
 clean:
 	rm -rf $(VENV) tests/emulator/node_modules
