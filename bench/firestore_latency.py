@@ -30,7 +30,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -39,11 +38,12 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import websocket
+from fanout import BenchError, free_port, wait_until
+from fanout import machine as machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_DIR = ROOT / "tests" / "emulator"
@@ -67,24 +67,9 @@ SETTLE = 0.05
 _started: list[subprocess.Popen[Any]] = []  # what the watchdog kills (process groups we created)
 
 
-class BenchError(Exception):
-    pass
-
-
 # -- the machine --------------------------------------------------------------------
 def machine() -> list[str]:
-    model, mem_kib = "unknown", 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-    return [f"nproc: {len(os.sched_getaffinity(0))}", f"cpu: {model}", f"memory: {mem_kib / 1024 / 1024:.1f} GiB",
-            load_average()]
+    return [f"{name}: {value}" for name, value in machine_facts().items()] + [load_average()]
 
 
 def load_average() -> str:
@@ -96,23 +81,6 @@ def load_average() -> str:
 
 
 # -- processes ------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def spawn(args: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a child in its own process group (so that its own children can be killed with it)."""
     with log.open("wb") as out:
