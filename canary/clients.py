@@ -106,10 +106,6 @@ class Client:
         self._writer = gevent.spawn(self._write_loop)
         _ticker.add(self, min(keepalive_seconds, ping_seconds or keepalive_seconds))
 
-    @property
-    def closing(self) -> bool:
-        return self._closing is not None
-
     def safe_enqueue(self, frame: Frame) -> bool:
         """Queue `frame` for this client; never blocks, never raises.
 
