@@ -172,7 +172,6 @@ def test_frames_from_greenlets_and_os_threads_all_arrive(make_client: MakeClient
 def test_safe_enqueue_returns_false_after_close(make_client: MakeClient) -> None:
     client, conn = make_client()
     client.close(4000, "bye")
-    assert client.closing
     assert client.safe_enqueue(note(1)) is False
     assert client.safe_enqueue(labels(1)) is False
     wait_until(lambda: conn.closes, "the close")
