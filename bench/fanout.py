@@ -185,6 +185,16 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
+def put_document(port: int, collection: str, doc_id: str, data: dict[str, Any]) -> None:
+    """Write a store document through the service's dev API."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/dev/documents/{collection}/{doc_id}",
+                                 data=json.dumps(data).encode(), method="PUT",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        if r.status != 204:
+            raise BenchError(f"PUT {collection}/{doc_id}: {r.status}")
+
+
 class Server:
     """The service (`canary`) or the floor of its stack (`floor`, bench/floor_app.py), one gevent worker."""
 
@@ -231,12 +241,7 @@ class Server:
             return False
 
     def put(self, collection: str, doc_id: str, data: dict[str, Any]) -> None:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/dev/documents/{collection}/{doc_id}",
-                                     data=json.dumps(data).encode(), method="PUT",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            if r.status != 204:
-                raise BenchError(f"PUT {collection}/{doc_id}: {r.status}")
+        put_document(self.port, collection, doc_id, data)
 
     def stop(self) -> None:
         if self.process.poll() is None:

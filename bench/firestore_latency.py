@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import websocket
-from fanout import BenchError, free_port, wait_until
+from fanout import BenchError, free_port, put_document, wait_until
 from fanout import machine as machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,12 +159,7 @@ class Server:
             return False
 
     def put(self, collection: str, doc_id: str, data: dict[str, Any]) -> None:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/dev/documents/{collection}/{doc_id}",
-                                     data=json.dumps(data).encode(), method="PUT",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            if r.status != 204:
-                raise BenchError(f"PUT {collection}/{doc_id}: {r.status}")
+        put_document(self.port, collection, doc_id, data)
 
     def stats(self) -> dict[str, int]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/dev/stats", timeout=10) as r:
