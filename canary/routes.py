@@ -18,9 +18,10 @@ from . import protocol
 from .auth import Authenticator, bearer_token
 from .clients import Client
 from .config import Config
-from .sessions import Admission, Refusal, SessionManager
+from .errors import Refusal
+from .sessions import Admission, SessionManager
 from .store import StoreError
-from .websocket import ConnectionClosed, accept, handled, is_upgrade
+from .websocket import ConnectionClosed, accept, handled
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,6 @@ def upgrade_required(**_ids: str) -> Response:
 def _serve(admit: Callable[[str], Admission]) -> Response:
     svc = services()
     config = svc.config
-    if not is_upgrade(request.environ):  # pragma: no cover - Werkzeug routes these to upgrade_required
-        return upgrade_required()
     user_id = request.args.get("userID", "").strip()
     if not user_id:
         raise Refusal(400, "the userID query parameter is required")

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from .protocol import BOUNDING_BOXES_SNAPSHOT, LABELS_SNAPSHOT, Frame, ServerMessage
 from .store import BOUNDING_BOXES, KEYPOINTS, Store, Watch
 
-Notify = Callable[[], None]
+#: Called with a dict shared by every subscriber of one snapshot, to build each
+#: message once per session rather than once per client.
+Notify = Callable[[dict[str, Frame]], None]
 _Key = tuple[str, str]  # (collection, image ID)
 
 
@@ -58,13 +60,13 @@ class SharedListeners:
             if listener is not None:
                 listener.subscribers.add(subscription)
                 if listener.ready:
-                    notify()
+                    notify({})
                 return subscription
             listener = self._listeners[key] = _Listener({subscription})
         try:
             # Outside the lock: the store may deliver the first snapshot synchronously.
             watch = self._store.watch_query(collection, "imageID", image_id,
-                                            lambda _docs: self._deliver(key, listener))
+                                            lambda _docs: self._deliver(listener))
         except BaseException:
             with self._lock:
                 if self._listeners.get(key) is listener:
@@ -77,12 +79,13 @@ class SharedListeners:
             watch.stop()
         return subscription
 
-    def _deliver(self, key: _Key, listener: _Listener) -> None:
+    def _deliver(self, listener: _Listener) -> None:
         with self._lock:
             listener.ready = True
             subscribers = list(listener.subscribers)
+        frames: dict[str, Frame] = {}
         for subscription in subscribers:
-            subscription.notify()
+            subscription.notify(frames)
 
     def _cancel(self, subscription: Subscription) -> None:
         with self._lock:
@@ -144,7 +147,10 @@ class ImageWatches:
             subscription.cancel()
 
     def _notifier(self, message: ServerMessage, generation: int) -> Notify:
-        def notify() -> None:
+        def notify(frames: dict[str, Frame]) -> None:
             if generation == self._generation:
-                self._send(message(sessionID=self._session_id))
+                frame = frames.get(self._session_id)
+                if frame is None:  # the first watcher of this session for this snapshot encodes it
+                    frame = frames[self._session_id] = message(sessionID=self._session_id)
+                self._send(frame)
         return notify
