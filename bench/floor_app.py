@@ -9,9 +9,8 @@ fed by a bounded queue of 64 with non-blocking enqueue, JSON encoded once per
 broadcast, and no session logic at all: no store, no validation, no
 keepalives, no write timeouts. Never deploy it.
 
-flask-sock's `route` is a thin wrapper around simple-websocket's `Server`;
-it is reproduced below (`_sock_route`, same calls) so that the floor needs
-nothing beyond requirements.txt.
+The routes are flask-sock's (`Sock.route`), as in the table's row; the
+only addition is the one `before_request` that hides the deflate offer.
 
 Run by fanout.py from bench/ as ``gunicorn -k gevent floor_app:app``.
 """
@@ -20,17 +19,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import wraps
 from typing import Any
 
 import gevent
 import gevent.queue
 from flask import Flask, Response, request
-from simple_websocket import ConnectionClosed, Server
+from flask_sock import Sock
+from simple_websocket import Server
 
 app = Flask(__name__)
+sock = Sock(app)
 sessions: dict[str, dict[str, Any]] = {}  # session ID -> {"owner": Writer, "members": {user ID: Writer}}
 
 
@@ -64,36 +63,6 @@ class Writer:
             self.ws.close(1013, "client too slow")
 
 
-class _Handled(Response):
-    """flask-sock's answer to gunicorn once the socket was taken over."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise StopIteration
-
-
-def _sock_route(path: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """flask-sock 0.7's `Sock.route` (default options), for gunicorn."""
-
-    def decorator(f: Callable[..., None]) -> Callable[..., None]:
-        @wraps(f)
-        def websocket_route(*args: Any, **kwargs: Any) -> Response:
-            ws = Server(request.environ)
-            try:
-                f(ws, *args, **kwargs)
-            except ConnectionClosed:
-                pass
-            try:
-                ws.close()
-            except Exception:
-                pass
-            return _Handled()
-
-        app.route(path, websocket=True)(websocket_route)
-        return websocket_route
-
-    return decorator
-
-
 @app.before_request
 def _refuse_deflate() -> None:
     # simple-websocket accepts permessage-deflate whenever offered; hide the offer.
@@ -118,7 +87,7 @@ def _serve(ws: Server, writer: Writer) -> None:
             writer.enqueue(_frame(type="pong", time=_now()))
 
 
-@_sock_route("/sessions/<batch_id>")
+@sock.route("/sessions/<batch_id>")
 def create_session(ws: Server, batch_id: str) -> None:
     session_id = uuid.uuid4().hex
     writer = Writer(ws)
@@ -137,7 +106,7 @@ def create_session(ws: Server, batch_id: str) -> None:
         writer.greenlet.join(2)
 
 
-@_sock_route("/sessions/<session_id>/join")
+@sock.route("/sessions/<session_id>/join")
 def join_session(ws: Server, session_id: str) -> None:
     user_id = request.args["userID"]
     session = sessions[session_id]

@@ -15,7 +15,7 @@ from .config import Config
 from .memory_store import MemoryStore
 from .sessions import SessionManager
 from .store import Store
-from .websocket import is_upgrade
+from .websocket import is_upgrade, server_options
 
 log = logging.getLogger("canary")
 
@@ -44,6 +44,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
     config = config or Config.from_env()
     store = store or build_store(config)
     app = Flask(__name__)
+    app.config["SOCK_SERVER_OPTIONS"] = server_options(max_message_bytes=config.max_message_bytes)
     auth = Authenticator(config.jwt_secret)
     if not auth.enabled:
         log.warning("JWT_SECRET is not set: the service is OPEN, any caller can act as any user")

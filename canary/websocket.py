@@ -1,8 +1,10 @@
-"""Accepting a WebSocket on a WSGI request, with simple-websocket's server.
+"""WebSockets through flask-sock: what is set up before its handshake, and the connection a view serves.
 
-flask-sock's `route` performs the handshake before the view runs, so a view
-could never refuse with a real HTTP status; here the view validates first and
-calls `accept` last. Three things simple-websocket leaves to us are fixed here:
+flask-sock's `Sock.route` (routes.py) performs the handshake, simple-websocket's
+`Server` sending the 101, before it calls the view; so the routes admit a
+client earlier, in the blueprint's `before_request`, and call `prepare` on the
+request once it is admitted. Three things simple-websocket leaves to us are
+fixed there, on the environ its `Server` is built from:
 
 * it writes with `socket.send`, which may write part of a frame; every write
   goes through `_Socket.send`, a locked `sendall`, so the writer greenlet,
@@ -13,6 +15,10 @@ calls `accept` last. Three things simple-websocket leaves to us are fixed here:
   the request before the handshake;
 * it closes the socket at once after a close frame, which can reset the
   connection before the peer read that frame; `_Socket.close` lingers.
+
+The rest is `server_options` (the app's ``SOCK_SERVER_OPTIONS``, which
+flask-sock passes to `Server`) and `Connection`, which serves a client over
+flask-sock's `ws` object.
 """
 
 from __future__ import annotations
@@ -22,11 +28,10 @@ import threading
 import time
 from typing import Any
 
-from flask import Response
 from simple_websocket import ConnectionClosed, Server
 from wsproto.events import Ping
 
-__all__ = ["Connection", "ConnectionClosed", "accept", "is_upgrade"]
+__all__ = ["Connection", "ConnectionClosed", "is_upgrade", "prepare", "server_options"]
 
 _LINGER_SECONDS = 1.0
 
@@ -36,6 +41,24 @@ def is_upgrade(environ: dict[str, Any]) -> bool:
     connection = environ.get("HTTP_CONNECTION", "").lower()
     return (environ.get("HTTP_UPGRADE", "").lower() == "websocket"
             and any(token.strip() == "upgrade" for token in connection.split(",")))
+
+
+def server_options(*, max_message_bytes: int) -> dict[str, Any]:
+    """simple-websocket `Server` options, for the app's ``SOCK_SERVER_OPTIONS``.
+
+    No `ping_interval`: simple-websocket would then wait in a selector before
+    every read (a third of the CPU of a ping round trip); each client's writer
+    sends the pings (clients.py).
+    """
+    return {"max_message_size": max_message_bytes}
+
+
+def prepare(environ: dict[str, Any]) -> None:
+    """Set up an admitted upgrade request for flask-sock's handshake (see the module's docstring)."""
+    if "gunicorn.socket" not in environ:
+        raise RuntimeError("WebSockets need gunicorn's gevent worker (no gunicorn.socket in environ)")
+    environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)  # refuse permessage-deflate
+    environ["gunicorn.socket"] = _Socket(environ["gunicorn.socket"])
 
 
 class _Socket:
@@ -78,17 +101,13 @@ class _Socket:
 
 
 class Connection:
-    """One accepted WebSocket."""
+    """One accepted WebSocket: flask-sock's `ws`, on a socket `prepare` set up."""
 
-    def __init__(self, environ: dict[str, Any], *, max_message_bytes: int) -> None:
-        if "gunicorn.socket" not in environ:
-            raise RuntimeError("WebSockets need gunicorn's gevent worker (no gunicorn.socket in environ)")
-        # Refuse permessage-deflate: simple-websocket has no option for it.
-        environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
-        self._socket = environ["gunicorn.socket"] = _Socket(environ["gunicorn.socket"])
-        # No ping_interval: simple-websocket would then wait in a selector before every read
-        # (a third of the CPU of a ping round trip); the client's writer sends the pings.
-        self._ws = Server(environ, max_message_size=max_message_bytes)
+    def __init__(self, ws: Server) -> None:
+        if not isinstance(ws.sock, _Socket):
+            raise RuntimeError("the request was not prepared for the upgrade (websocket.prepare)")
+        self._ws = ws
+        self._socket: _Socket = ws.sock
         self._interrupted = False
 
     @property
@@ -157,25 +176,14 @@ class Connection:
         self.interrupt()
 
     def finish(self, timeout: float) -> None:
-        """Wait for the close handshake to end, cutting the connection if it does not."""
+        """Wait for the close handshake to end, cutting the connection if it does not.
+
+        Once simple-websocket's reader has ended it has closed the socket, so
+        the `ws.close()` that flask-sock calls after the view returns sends
+        nothing (wsproto also refuses a second close frame): the close frame
+        and its code are the ones this service chose.
+        """
         self._ws.thread.join(timeout)
         if self._ws.thread.is_alive():
             self.abort()
             self._ws.thread.join(timeout)
-
-
-class _AlreadyHandled(Response):
-    """Tells gunicorn the socket was taken over: nothing more to write, close it."""
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        raise StopIteration
-
-
-def handled() -> Response:
-    """The WSGI response to return once a WebSocket has been served."""
-    return _AlreadyHandled()
-
-
-def accept(environ: dict[str, Any], *, max_message_bytes: int) -> Connection:
-    """Complete the handshake (send the 101) and return the connection."""
-    return Connection(environ, max_message_bytes=max_message_bytes)

@@ -1,0 +1,136 @@
+"""The upgrade path: the session routes are flask-sock's, and what its wrapper does after the view is harmless."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+
+import pytest
+from conftest import TIMEOUT, Client, Server, join_url, owner_url
+from flask_sock import Sock
+
+from canary import routes
+from canary.app import create_app
+from canary.config import Config
+from canary.memory_store import MemoryStore
+
+
+def test_both_session_routes_are_flask_socks_wrappers_of_the_one_view() -> None:
+    app = create_app(Config(), MemoryStore())
+    rules = {rule.endpoint: rule for rule in app.url_map.iter_rules()}
+    sock_module = Sock.__module__
+    for endpoint, path in (("canary.create_session", "/sessions/<batch_id>"),
+                           ("canary.join_session", "/sessions/<session_id>/join")):
+        view = app.view_functions[endpoint]
+        assert view.__code__.co_filename.endswith(f"{sock_module}/__init__.py"), view.__code__.co_filename
+        assert view.__wrapped__ is routes._serve
+        assert rules[endpoint].rule == path
+        assert rules[endpoint].websocket
+
+
+# -- a raw client: exact frames on the wire ------------------------------------------------------------
+
+def _handshake(server: Server, path: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes, or fewer if the connection ends first."""
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = sock.recv(size - len(data))
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+    """The next frame (opcode, payload), or None at the end of the connection."""
+    head = _exactly(sock, 2)
+    if len(head) < 2:
+        return None
+    size = head[1] & 0x7F
+    if size == 126:
+        size = struct.unpack("!H", _exactly(sock, 2))[0]
+    elif size == 127:
+        size = struct.unpack("!Q", _exactly(sock, 8))[0]
+    return head[0] & 0x0F, _exactly(sock, size)
+
+
+def _frames_until_eof(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Every frame the server sends until it closes the TCP connection, answering its close once."""
+    frames: list[tuple[int, bytes]] = []
+    while (frame := _read_frame(sock)) is not None:
+        frames.append(frame)
+        if frame[0] == 0x8 and _closes(frames) == [struct.unpack("!H", frame[1][:2])[0]]:
+            sock.sendall(_client_frame(0x8, frame[1][:2]))  # answer the close, as a browser does
+    return frames
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
+
+
+def _closes(frames: list[tuple[int, bytes]]) -> list[int]:
+    return [struct.unpack("!H", payload[:2])[0] for opcode, payload in frames if opcode == 0x8]
+
+
+def test_a_server_chosen_close_is_the_only_close_frame(server: Server) -> None:
+    batch, owner = server.batch()
+    host = Client.connect(owner_url(server, batch, owner))
+    sid = host.welcome["sessionID"]
+    member = _handshake(server, f"/sessions/{sid}/join?userID=raw")
+    assert host.recv()["type"] == "member_joined"
+    host.close()  # the session ends: the member gets session_closed, then a close frame with 4000
+    frames = _frames_until_eof(member)
+    texts = [json.loads(payload)["type"] for opcode, payload in frames if opcode == 0x1]
+    assert texts[0] == "session_joined"
+    assert texts[-1] == "session_closed"
+    assert _closes(frames) == [4000]
+    assert frames[-1][0] == 0x8  # nothing after it
+    member.close()
+
+
+@pytest.mark.parametrize("code", [1000, 4321])
+def test_a_client_chosen_close_is_echoed_once(server: Server, code: int) -> None:
+    batch, owner = server.batch()
+    host = _handshake(server, f"/sessions/{batch}?userID={owner}")
+    opcode, welcome = _read_frame(host)
+    assert (opcode, json.loads(welcome)["type"]) == (0x1, "session_created")
+    host.sendall(_client_frame(0x8, struct.pack("!H", code)))
+    frames = _frames_until_eof(host)
+    assert [op for op, _ in frames] == [0x8]
+    assert _closes(frames) == [code]
+    host.close()
+
+
+def test_a_client_that_just_disconnects_gets_no_close_frame_later(server: Server) -> None:
+    batch, owner = server.batch()
+    host = Client.connect(owner_url(server, batch, owner))
+    sid = host.welcome["sessionID"]
+    member = Client.connect(join_url(server, sid, "vanishing"))
+    assert host.recv()["type"] == "member_joined"
+    member.ws.sock.shutdown(socket.SHUT_WR)  # TCP end, no close frame: the server ends the connection
+    frames = _frames_until_eof(member.ws.sock)
+    assert _closes(frames) == []
+    left = host.recv()
+    assert (left["type"], left["memberID"]) == ("member_left", "vanishing")
+    member.ws.sock.close()
+    host.close()
