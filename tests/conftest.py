@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import websocket
+from grpc_proxy import Proxy
 
 from canary.dev import as_json
 
@@ -113,6 +114,21 @@ class Emulator:
 FIRESTORE_PROJECT = "demo-canary-tests"
 
 
+def firestore_client(host: str) -> Any:
+    """A google-cloud-firestore client on `host` (an emulator or a `Proxy`); FIRESTORE_EMULATOR_HOST is restored."""
+    from google.cloud import firestore
+
+    before = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    os.environ["FIRESTORE_EMULATOR_HOST"] = host  # read once, by the constructor
+    try:
+        return firestore.Client(project=FIRESTORE_PROJECT)
+    finally:
+        if before is None:
+            del os.environ["FIRESTORE_EMULATOR_HOST"]
+        else:
+            os.environ["FIRESTORE_EMULATOR_HOST"] = before
+
+
 @dataclass
 class Server:
     """A running `gunicorn -c gunicorn.conf.py wsgi:app`."""
@@ -200,7 +216,13 @@ class Server:
                 self.process.wait()
 
 
-def start_server(tmp: Path, emulator: Emulator | None = None, **env: str) -> Server:
+def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | None = None, **env: str) -> Server:
+    """Start the service on `emulator` (None: the memory store), reaching it through the proxy `via` if given.
+
+    `Server.firestore`, the tests' own client, always talks to the emulator directly (not counted by `via`).
+    """
+    if via is not None and emulator is None:
+        raise ValueError("a proxy needs an emulator behind it")
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     full_env = {
@@ -214,7 +236,7 @@ def start_server(tmp: Path, emulator: Emulator | None = None, **env: str) -> Ser
     }
     full_env.pop("FIRESTORE_EMULATOR_HOST", None)
     if emulator is not None:
-        full_env.update(FIRESTORE_EMULATOR_HOST=emulator.host, GCP_PROJECT_ID=FIRESTORE_PROJECT)
+        full_env.update(FIRESTORE_EMULATOR_HOST=(via or emulator).host, GCP_PROJECT_ID=FIRESTORE_PROJECT)
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -245,6 +267,32 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     started = Emulator.start(tmp_path_factory.mktemp("emulator"))
     yield started
     started.stop()
+
+
+@pytest.fixture
+def firestore_proxy(emulator: Emulator) -> Iterator[Proxy]:
+    """A started `Proxy` in front of the emulator: Google's front-end limit of 100 concurrent streams per
+    connection, calls counted per method; `stop()`/`start()` crash and restart it on the same port.
+    Stopped at the end of the test."""
+    with Proxy(emulator.host) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxied_server_factory(tmp_path: Path, emulator: Emulator,
+                           firestore_proxy: Proxy) -> Iterator[Callable[..., Server]]:
+    """Start Firestore-backed servers (with extra environment) that reach the emulator through
+    `firestore_proxy`; all are stopped at the end of the test, before the proxy."""
+    started: list[Server] = []
+
+    def start(**env: str) -> Server:
+        server = start_server(tmp_path, emulator, via=firestore_proxy, **env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(scope="session", params=["memory", "firestore"])
