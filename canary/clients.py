@@ -75,20 +75,23 @@ _ticker = _Ticker()
 class Client:
     """A WebSocket client's outbound side.
 
-    `limit` bounds the messages waiting to be written. Coalescing messages
-    (snapshots) keep at most one pending per type, the newest; when the queue
-    is full of messages that cannot be coalesced the client is closed with
-    1013 rather than losing one silently. A write blocked for `write_timeout`
-    seconds (the peer stopped reading) cuts the connection; a peer that
-    answers no ping for two `ping_seconds` is closed with 1008.
+    `max_bytes` bounds what may wait to be written, in bytes: a burst whose
+    size grows with the session (everyone joining at once) is not a slow
+    client, a client that stopped reading is. Coalescing messages (snapshots)
+    keep at most one pending per type, the newest; when the other messages
+    waiting exceed `max_bytes` the client is closed with 1013 rather than
+    losing one silently. A write blocked for `write_timeout` seconds (the
+    peer stopped reading) cuts the connection; a peer that answers no ping
+    for two `ping_seconds` is closed with 1008.
     """
 
-    def __init__(self, connection: Connection, *, name: str, limit: int, keepalive_seconds: float,
+    def __init__(self, connection: Connection, *, name: str, max_bytes: int, keepalive_seconds: float,
                  keepalive: Callable[[], Frame], ping_seconds: float | None = None,
                  write_timeout: float | None = None) -> None:
         self.name = name
         self._connection = connection
-        self._limit = limit
+        self._max_bytes = max_bytes
+        self._queued_bytes = 0  # of the queued messages that are not coalesced
         self._keepalive_seconds = keepalive_seconds
         self._keepalive = keepalive
         self._ping_seconds = ping_seconds
@@ -126,14 +129,19 @@ class Client:
             if not already_queued:
                 self._queue.put(frame.type)
             return True
-        if self._queue.qsize() - len(self._pending) >= self._limit:
-            log.warning("closing %s with %d: %d messages queued, it is not reading",
-                        self.name, CLOSE_TRY_AGAIN_LATER, self._limit)
+        if self._queued_bytes + len(frame.data) > self._max_bytes:
+            log.warning("closing %s with %d: %d bytes queued, it is not reading",
+                        self.name, CLOSE_TRY_AGAIN_LATER, self._queued_bytes)
             self._close(CLOSE_TRY_AGAIN_LATER, "client too slow", flush=False)
             self._connection.interrupt()  # leave the session now, even if the close frame waits
             return False
+        self._queued_bytes += len(frame.data)
         self._queue.put(frame)
         return True
+
+    def alive(self) -> bool:
+        """False once this client is closing, or its peer closed the connection (read or not)."""
+        return self._closing is None and self._connection.alive()
 
     def close(self, code: int, reason: str) -> None:
         """Close after writing what is already queued; safe from any thread."""
@@ -206,6 +214,7 @@ class Client:
                 elif isinstance(item, str):
                     self._write(self._pending.pop(item).data)
                 else:
+                    self._queued_bytes -= len(item.data)  # type: ignore[union-attr]
                     self._write(item.data)  # type: ignore[union-attr]
         except (ConnectionClosed, OSError) as e:
             # The peer is gone, or stopped reading for longer than the write timeout.

@@ -32,7 +32,7 @@ class Config:
     keepalive_seconds: float = 30.0
     idle_timeout_seconds: float = 60.0
     max_message_bytes: int = 64 * 1024
-    client_queue_size: int = 64
+    client_queue_bytes: int = 1 << 20
     worker_connections: int = 10_000
     web_concurrency: int = 1
     owner_grace_seconds: float = 0.0
@@ -67,7 +67,7 @@ class Config:
             keepalive_seconds=reader.number("KEEPALIVE_SECONDS", cls.keepalive_seconds),
             idle_timeout_seconds=reader.number("IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             max_message_bytes=reader.integer("MAX_MESSAGE_BYTES", cls.max_message_bytes, low=64),
-            client_queue_size=reader.integer("CLIENT_QUEUE_SIZE", cls.client_queue_size, low=4),
+            client_queue_bytes=reader.integer("CLIENT_QUEUE_BYTES", cls.client_queue_bytes, low=1024),
             worker_connections=reader.integer("WORKER_CONNECTIONS", cls.worker_connections, low=1),
             web_concurrency=reader.integer("WEB_CONCURRENCY", _default_workers(env), low=1),
             owner_grace_seconds=reader.number("OWNER_GRACE_SECONDS", cls.owner_grace_seconds, zero=True),

@@ -2,28 +2,34 @@
 
 * `sessions/{id}`: the document other Canary services read (`owner`, `batchID`,
   `projectID`, `members`, `lastUpdated`), plus `ownerLeftAt` while the owner is
-  away within its grace. `lastUpdated` only grows (one microsecond past the
-  previous value even when a writer's clock lags), so processes following the
-  document can tell a stale snapshot from a new one.
+  away. `lastUpdated` only grows (one microsecond past the previous value even
+  when a writer's clock lags), so processes following the document can tell a
+  stale snapshot from a new one.
 * `sessionLocks/{batchID}`: makes "one live session per batch" atomic.
-* `sessionPresence/{sessionID}_{userID}`: which process holds each client, or
-  since when it is away and until when it may come back.
+* `sessionPresence/{sessionID}_{userID}`: which process holds each client (and
+  which of its connections), or since when it is away and until when it may
+  come back.
 * `collabProcesses/{id}`: each process's lease. A process that stops renewing
   it (killed) or expires it (restarting) has lost its clients: any live process
   then marks them away, and removes them once their grace is over.
 
 Uniqueness is decided by existence preconditions written first in each commit
-(atomic on Firestore and on the bundled emulator); read-check-write goes
-through transactions.
+(atomic on Firestore and on the bundled emulator). Every membership change of
+a session (a join, a leave, the owner's presence, the clean-up of absent
+clients, the end) goes through that session's `_Writer`, which applies all the
+changes queued while its previous transaction ran in the next one (group
+commit): a storm of N joins costs a handful of commits, not N, and no two
+transactions of this process contend for the session document.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from .errors import Refusal
@@ -34,6 +40,7 @@ from .store import (
     SESSIONS,
     Data,
     Store,
+    StoreError,
     Transaction,
     auto_id,
 )
@@ -43,10 +50,19 @@ log = logging.getLogger(__name__)
 OWNER = "owner"
 MEMBER = "member"
 
+#: At most this many changes in one commit (Firestore allows 500 writes; a change writes at most one
+#: presence document, and the session document is written once per commit).
+MAX_CHANGES_PER_COMMIT = 200
+
 
 def presence_id(session_id: str, user_id: str) -> str:
     """The presence document of a user in a session (user IDs may hold any character)."""
     return f"{session_id}_{quote(user_id, safe='')}"
+
+
+class Member(NamedTuple):
+    id: str
+    email: str
 
 
 @dataclass(frozen=True)
@@ -55,50 +71,86 @@ class SessionState:
 
     session_id: str
     batch_id: str
-    owner_id: str
-    members: tuple[str, ...]
+    owner: Member
+    members: tuple[Member, ...]
     version: datetime
     owner_away: bool = False
     resumed: bool = False
+    #: The connection this admission recorded in the user's presence ("" when it recorded none).
+    connection: str = ""
+
+    @property
+    def owner_id(self) -> str:
+        return self.owner.id
+
+    @property
+    def member_ids(self) -> tuple[str, ...]:
+        return tuple(m.id for m in self.members)
 
     @classmethod
-    def of(cls, session_id: str, doc: Data, resumed: bool = False) -> SessionState:
-        return cls(session_id, doc["batchID"], doc["owner"]["id"], tuple(m["id"] for m in doc["members"]),
-                   doc["lastUpdated"], doc.get("ownerLeftAt") is not None, resumed)
+    def of(cls, session_id: str, doc: Data, *, resumed: bool = False, connection: str = "") -> SessionState:
+        return cls(session_id, doc["batchID"], Member(doc["owner"]["id"], doc["owner"].get("email", "")),
+                   tuple(Member(m["id"], m.get("email", "")) for m in doc.get("members", [])),
+                   doc["lastUpdated"], doc.get("ownerLeftAt") is not None, resumed, connection)
+
+
+#: Whether this process holds a live connection with that ID (or is admitting it right now).
+HoldsConnection = Callable[[str], bool]
 
 
 class SessionRecords:
-    """The store side of sessions, for the process `process_id`."""
+    """The store side of sessions, for the process `process_id`.
 
-    def __init__(self, store: Store, process_id: str, clock: Callable[[], datetime]) -> None:
+    `holds` tells whether a connection recorded as this process's is still
+    live here: a client whose previous connection is closed or closing is not
+    refused as "already connected".
+    """
+
+    def __init__(self, store: Store, process_id: str, clock: Callable[[], datetime],
+                 holds: HoldsConnection = lambda _connection: True) -> None:
         self._store = store
         self.process_id = process_id
         self._clock = clock
+        self._holds = holds
+        self._writers: dict[str, _Writer] = {}
+        self._writers_lock = threading.Lock()
+        self.commits = 0  # membership transactions committed by this process
+        self.changes = 0  # the changes they carried
 
     # -- helpers ---------------------------------------------------------------
-    def _bump(self, previous: Any) -> datetime:
+    def bump(self, previous: Any) -> datetime:
+        """A `lastUpdated` later than `previous`, even if this process's clock lags."""
         now = self._clock()
         if isinstance(previous, datetime) and previous >= now:
             return previous + timedelta(microseconds=1)
         return now
 
-    def _here(self, session_id: str, user_id: str, role: str) -> Data:
+    def here(self, session_id: str, user_id: str, role: str, connection: str) -> Data:
+        """The presence of a client this process holds."""
         return {"sessionID": session_id, "userID": user_id, "role": role, "process": self.process_id,
-                "away": False, "awaySince": None, "graceUntil": None}
+                "connection": connection, "away": False, "awaySince": None, "graceUntil": None}
 
-    def _connected_elsewhere(self, t: Transaction, presence: Data | None) -> bool:
-        """Whether a live process (this one included) holds that client's socket."""
-        if presence is None or presence.get("away"):
-            return False
-        if presence.get("process") == self.process_id:
-            return True
-        process = t.get(PROCESSES, presence.get("process", ""))
-        return process is not None and process["leaseUntil"] > self._clock()
+    def now(self) -> datetime:
+        return self._clock()
+
+    def _submit(self, session_id: str, change: _Change) -> Any:
+        with self._writers_lock:
+            writer = self._writers.get(session_id)
+            if writer is None:
+                writer = self._writers[session_id] = _Writer(self, session_id)
+            writer.users += 1
+        try:
+            return writer.submit(change)
+        finally:
+            with self._writers_lock:
+                writer.users -= 1
+                if not writer.users:
+                    del self._writers[session_id]
 
     # -- sessions ----------------------------------------------------------------
     def create(self, batch_id: str, project_id: str, owner_id: str, email: str) -> SessionState:
-        """Write a new session; raises `AlreadyExists` if the batch has one."""
-        session_id = auto_id()
+        """Write a new session and its owner's presence; raises `AlreadyExists` if the batch has one."""
+        session_id, connection = auto_id(), auto_id()
         now = self._clock()
         doc = {"owner": {"id": owner_id, "email": email}, "batchID": batch_id, "projectID": project_id,
                "members": [], "lastUpdated": now}
@@ -109,31 +161,18 @@ class SessionRecords:
             # and stops at the failing one, instead of all-or-nothing.
             t.create(SESSION_LOCKS, batch_id, {"sessionID": session_id, "createdAt": now})
             t.create(SESSIONS, session_id, doc)
-            t.set(SESSION_PRESENCE, presence_id(session_id, owner_id), self._here(session_id, owner_id, OWNER))
+            t.set(SESSION_PRESENCE, presence_id(session_id, owner_id),
+                  self.here(session_id, owner_id, OWNER, connection))
 
         self._store.transaction(create)
-        return SessionState.of(session_id, doc)
+        return SessionState.of(session_id, doc, connection=connection)
 
     def resume_owner(self, batch_id: str, owner_id: str) -> SessionState | None:
         """Give the batch's live session back to its owner, if the owner's socket is gone."""
         lock = self._store.get(SESSION_LOCKS, batch_id)
         if lock is None:
             return None
-        session_id = lock["sessionID"]
-
-        def resume(t: Transaction) -> SessionState | None:
-            doc = t.get(SESSIONS, session_id)
-            if doc is None or doc["owner"]["id"] != owner_id:
-                return None
-            if self._connected_elsewhere(t, t.get(SESSION_PRESENCE, presence_id(session_id, owner_id))):
-                return None
-            doc["ownerLeftAt"] = None
-            doc["lastUpdated"] = self._bump(doc["lastUpdated"])
-            t.update(SESSIONS, session_id, {"ownerLeftAt": None, "lastUpdated": doc["lastUpdated"]})
-            t.set(SESSION_PRESENCE, presence_id(session_id, owner_id), self._here(session_id, owner_id, OWNER))
-            return SessionState.of(session_id, doc, resumed=True)
-
-        return self._store.transaction(resume)
+        return self._submit(lock["sessionID"], _ResumeOwner(owner_id, auto_id()))
 
     def clear_stale_lock(self, batch_id: str) -> bool:
         """Remove the batch's lock if its session no longer exists; True if the way is free."""
@@ -150,70 +189,23 @@ class SessionRecords:
 
     def join(self, session_id: str, user_id: str, email: str) -> SessionState:
         """Add a member, or give a member whose socket is gone (a restart) its place back."""
-        def join(t: Transaction) -> SessionState:
-            doc = t.get(SESSIONS, session_id)
-            if doc is None:
-                raise Refusal(404, f"session {session_id!r} not found")
-            if doc["owner"]["id"] == user_id:
-                raise Refusal(409, f"{user_id!r} owns this session")
-            if any(m["id"] == user_id for m in doc["members"]):
-                if self._connected_elsewhere(t, t.get(SESSION_PRESENCE, presence_id(session_id, user_id))):
-                    raise Refusal(409, f"{user_id!r} is already in this session")
-                t.set(SESSION_PRESENCE, presence_id(session_id, user_id), self._here(session_id, user_id, MEMBER))
-                return SessionState.of(session_id, doc, resumed=True)
-            doc["members"] = [*doc["members"], {"id": user_id, "email": email}]
-            doc["lastUpdated"] = self._bump(doc["lastUpdated"])
-            t.update(SESSIONS, session_id, {"members": doc["members"], "lastUpdated": doc["lastUpdated"]})
-            t.set(SESSION_PRESENCE, presence_id(session_id, user_id), self._here(session_id, user_id, MEMBER))
-            return SessionState.of(session_id, doc)
+        return self._submit(session_id, _Join(user_id, email, auto_id()))
 
-        return self._store.transaction(join)
+    def leave(self, session_id: str, user_id: str, connection: str) -> datetime | None:
+        """Remove a member whose `connection` ended; the new version, or None if nothing changed.
 
-    def leave(self, session_id: str, user_id: str) -> datetime | None:
-        """Remove a member (by ID: the stored e-mail may be anything); the new version, if any."""
-        def leave(t: Transaction) -> datetime | None:
-            doc = t.get(SESSIONS, session_id)
-            t.delete(SESSION_PRESENCE, presence_id(session_id, user_id))
-            if doc is None:
-                return None
-            members = [m for m in doc["members"] if m["id"] != user_id]
-            if len(members) == len(doc["members"]):
-                return None
-            version = self._bump(doc["lastUpdated"])
-            t.update(SESSIONS, session_id, {"members": members, "lastUpdated": version})
-            return version
+        A member whose presence names another connection came back meanwhile
+        (on this process or another) and is left alone.
+        """
+        return self._submit(session_id, _Leave(user_id, connection))
 
-        return self._store.transaction(leave)
+    def owner_left(self, session_id: str, owner_id: str, connection: str, grace_seconds: float) -> OwnerLeft:
+        """The owner's `connection` ended: keep the session for `grace_seconds`, or end it if 0."""
+        return self._submit(session_id, _OwnerLeaves(owner_id, connection, grace_seconds))
 
-    def owner_away(self, session_id: str, owner_id: str, grace_seconds: float) -> datetime | None:
-        """The owner left: keep the session for `grace_seconds`; the new version, if any."""
-        def away(t: Transaction) -> datetime | None:
-            doc = t.get(SESSIONS, session_id)
-            if doc is None:
-                return None
-            now = self._clock()
-            version = self._bump(doc["lastUpdated"])
-            t.update(SESSIONS, session_id, {"ownerLeftAt": now, "lastUpdated": version})
-            t.set(SESSION_PRESENCE, presence_id(session_id, owner_id),
-                  {**self._here(session_id, owner_id, OWNER), "away": True, "awaySince": now,
-                   "graceUntil": now + timedelta(seconds=grace_seconds)})
-            return version
-
-        return self._store.transaction(away)
-
-    def end(self, session_id: str, batch_id: str) -> None:
+    def end(self, session_id: str) -> None:
         """Delete the session, its lock and its presence documents."""
-        presences = [d.id for d in self._store.query(SESSION_PRESENCE, "sessionID", session_id)]
-
-        def end(t: Transaction) -> None:
-            lock = t.get(SESSION_LOCKS, batch_id) if batch_id else None
-            t.delete(SESSIONS, session_id)
-            if lock is not None and lock.get("sessionID") == session_id:
-                t.delete(SESSION_LOCKS, batch_id)
-            for doc_id in presences:
-                t.delete(SESSION_PRESENCE, doc_id)
-
-        self._store.transaction(end)
+        self._submit(session_id, _End())
 
     # -- process leases and clean-up -------------------------------------------------
     def renew_lease(self, seconds: float) -> None:
@@ -232,8 +224,8 @@ class SessionRecords:
 
         Clients of processes whose lease ran out become away (an owner gets the
         longer of the two graces); away clients whose grace is over are removed,
-        and an owner's removal ends its session. Each step re-reads its document
-        in a transaction, so a client that came back meanwhile is left alone.
+        and an owner's removal ends its session. Each step re-reads the presence
+        in its commit, so a client that came back meanwhile is left alone.
         """
         now = self._clock()
         for process in self._store.documents(PROCESSES):
@@ -241,47 +233,362 @@ class SessionRecords:
             if process.id == self.process_id or not isinstance(lease, datetime) or lease > now:
                 continue
             for presence in self._store.query(SESSION_PRESENCE, "process", process.id):
-                if not presence.data.get("away"):
-                    grace = max(owner_grace, reconnect_grace) if presence.data["role"] == OWNER else reconnect_grace
-                    self._mark_away(presence.id, process.id, lease, lease + timedelta(seconds=grace))
+                data = presence.data
+                if not data.get("away"):
+                    grace = max(owner_grace, reconnect_grace) if data["role"] == OWNER else reconnect_grace
+                    self._submit(data["sessionID"], _MarkAway(data["userID"], process.id, lease,
+                                                              lease + timedelta(seconds=grace)))
             self._store.delete(PROCESSES, process.id)
         for presence in self._store.query(SESSION_PRESENCE, "away", True):
-            until = presence.data.get("graceUntil")
+            data = presence.data
+            until = data.get("graceUntil")
             if isinstance(until, datetime) and until <= now:
-                self._expire(presence.id, presence.data)
+                if data["role"] == OWNER:
+                    log.info("the owner of session %s did not come back: ending it", data["sessionID"])
+                else:
+                    log.info("member %r of session %s did not come back: removing it", data["userID"],
+                             data["sessionID"])
+                self._submit(data["sessionID"], _Expire(data["userID"], until))
 
-    def _mark_away(self, doc_id: str, process_id: str, since: datetime, until: datetime) -> None:
-        def mark(t: Transaction) -> None:
-            presence = t.get(SESSION_PRESENCE, doc_id)
-            if presence is None or presence.get("away") or presence.get("process") != process_id:
-                return  # reconnected meanwhile
-            doc = t.get(SESSIONS, presence["sessionID"]) if presence["role"] == OWNER else None
-            t.update(SESSION_PRESENCE, doc_id, {"away": True, "awaySince": since, "graceUntil": until})
-            if doc is not None:
-                t.update(SESSIONS, presence["sessionID"],
-                         {"ownerLeftAt": since, "lastUpdated": self._bump(doc["lastUpdated"])})
 
-        self._store.transaction(mark)
+class OwnerLeft(NamedTuple):
+    """What the owner's departure did: `ended` the session, or left it waiting (`version`)."""
 
-    def _expire(self, doc_id: str, seen: Data) -> None:
-        session_id, user_id = seen["sessionID"], seen["userID"]
-        if seen["role"] == OWNER:
-            doc = self._store.get(SESSIONS, session_id)
-            current = self._store.get(SESSION_PRESENCE, doc_id)
-            if current is not None and current.get("graceUntil") == seen["graceUntil"]:
-                log.info("the owner of session %s did not come back: ending it", session_id)
-                self.end(session_id, doc["batchID"] if doc else "")
+    ended: bool
+    version: datetime | None
+
+
+# -- group commit ------------------------------------------------------------------------------
+
+class _Batch:
+    """One commit's view of a session: read once, changed by each change in turn, written once."""
+
+    def __init__(self, records: SessionRecords, session_id: str, doc: Data | None,
+                 presence: dict[str, Data | None], leases: dict[str, Any], lock: Data | None) -> None:
+        self.records = records
+        self.session_id = session_id
+        self.doc = doc
+        self.presence = presence
+        self._leases = leases
+        #: The batch's lock, deleted with the session if it is this session's.
+        self._lock = (doc["batchID"], lock) if doc is not None and lock is not None else None
+        self._fields: set[str] = set()
+        self._presence_changed: set[str] = set()
+        self.ended = False
+
+    # reads
+    def members(self) -> list[Data]:
+        assert self.doc is not None
+        return self.doc.get("members", [])
+
+    def is_member(self, user_id: str) -> bool:
+        return any(m["id"] == user_id for m in self.members())
+
+    def connected(self, user_id: str) -> bool:
+        """Whether a live connection (of a live process, this one included) holds that user."""
+        presence = self.presence.get(user_id)
+        if presence is None or presence.get("away"):
+            return False
+        if presence.get("process") == self.records.process_id:
+            return self.records._holds(presence.get("connection", ""))
+        lease = self._leases.get(presence.get("process", ""))
+        return isinstance(lease, datetime) and lease > self.records.now()
+
+    # changes
+    def update(self, **fields: Any) -> datetime:
+        """Change fields of the session document and bump `lastUpdated`; the new version."""
+        assert self.doc is not None
+        self.doc.update(fields)
+        self.doc["lastUpdated"] = self.records.bump(self.doc["lastUpdated"])
+        self._fields.update(fields, ("lastUpdated",))
+        return self.doc["lastUpdated"]
+
+    def set_presence(self, user_id: str, data: Data | None) -> None:
+        self.presence[user_id] = data
+        self._presence_changed.add(user_id)
+
+    def end(self) -> None:
+        self.doc = None
+        self.ended = True
+
+    def write(self, t: Transaction, presence_ids: Iterable[str]) -> None:
+        sid = self.session_id
+        if self.ended:
+            t.delete(SESSIONS, sid)
+            if self._lock is not None and self._lock[1].get("sessionID") == sid:
+                t.delete(SESSION_LOCKS, self._lock[0])
+            for doc_id in {*presence_ids, *(presence_id(sid, u) for u in self.presence)}:
+                t.delete(SESSION_PRESENCE, doc_id)
             return
+        if self._fields and self.doc is not None:
+            t.update(SESSIONS, sid, {name: self.doc[name] for name in self._fields})
+        for user_id in self._presence_changed:
+            data = self.presence[user_id]
+            if data is None:
+                t.delete(SESSION_PRESENCE, presence_id(sid, user_id))
+            else:
+                t.set(SESSION_PRESENCE, presence_id(sid, user_id), data)
 
-        def expire(t: Transaction) -> None:
-            current = t.get(SESSION_PRESENCE, doc_id)
-            if current is None or current.get("graceUntil") != seen["graceUntil"]:
-                return  # came back, or another process removed it first
-            doc = t.get(SESSIONS, session_id)
-            t.delete(SESSION_PRESENCE, doc_id)
-            if doc is not None:
-                members = [m for m in doc["members"] if m["id"] != user_id]
-                t.update(SESSIONS, session_id, {"members": members, "lastUpdated": self._bump(doc["lastUpdated"])})
 
-        log.info("member %r of session %s did not come back: removing it", user_id, session_id)
-        self._store.transaction(expire)
+@dataclass
+class _Change:
+    """One membership change: the users whose presence it reads, and what it does to a `_Batch`."""
+
+    def users(self) -> tuple[str, ...]:
+        return ()
+
+    #: Whether it may end the session (its presence documents are then looked up first).
+    may_end = False
+
+    def apply(self, batch: _Batch) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class _Join(_Change):
+    user_id: str
+    email: str
+    connection: str
+
+    def users(self) -> tuple[str, ...]:
+        return (self.user_id,)
+
+    def apply(self, batch: _Batch) -> SessionState:
+        sid, uid = batch.session_id, self.user_id
+        if batch.doc is None:
+            raise Refusal(404, f"session {sid!r} not found")
+        if batch.doc["owner"]["id"] == uid:
+            raise Refusal(409, f"{uid!r} owns this session")
+        here = batch.records.here(sid, uid, MEMBER, self.connection)
+        if batch.is_member(uid):
+            if batch.connected(uid):
+                raise Refusal(409, f"{uid!r} is already in this session")
+            batch.set_presence(uid, here)
+            return SessionState.of(sid, batch.doc, resumed=True, connection=self.connection)
+        batch.update(members=[*batch.members(), {"id": uid, "email": self.email}])
+        batch.set_presence(uid, here)
+        return SessionState.of(sid, batch.doc, connection=self.connection)
+
+
+@dataclass
+class _ResumeOwner(_Change):
+    owner_id: str
+    connection: str
+
+    def users(self) -> tuple[str, ...]:
+        return (self.owner_id,)
+
+    def apply(self, batch: _Batch) -> SessionState | None:
+        if batch.doc is None or batch.doc["owner"]["id"] != self.owner_id or batch.connected(self.owner_id):
+            return None
+        batch.update(ownerLeftAt=None)
+        batch.set_presence(self.owner_id, batch.records.here(batch.session_id, self.owner_id, OWNER,
+                                                             self.connection))
+        return SessionState.of(batch.session_id, batch.doc, resumed=True, connection=self.connection)
+
+
+def _holds(batch: _Batch, user_id: str, connection: str) -> bool:
+    """Whether the user's presence still names `connection` (not a newer one)."""
+    presence = batch.presence.get(user_id)
+    return presence is None or presence.get("connection", connection) == connection
+
+
+@dataclass
+class _Leave(_Change):
+    user_id: str
+    connection: str
+
+    def users(self) -> tuple[str, ...]:
+        return (self.user_id,)
+
+    def apply(self, batch: _Batch) -> datetime | None:
+        if not _holds(batch, self.user_id, self.connection):
+            return None  # it came back on another connection
+        if batch.presence.get(self.user_id) is not None:
+            batch.set_presence(self.user_id, None)
+        if batch.doc is None or not batch.is_member(self.user_id):
+            return None
+        return batch.update(members=[m for m in batch.members() if m["id"] != self.user_id])
+
+
+@dataclass
+class _OwnerLeaves(_Change):
+    owner_id: str
+    connection: str
+    grace_seconds: float
+    may_end = True
+
+    def users(self) -> tuple[str, ...]:
+        return (self.owner_id,)
+
+    def apply(self, batch: _Batch) -> OwnerLeft:
+        if batch.doc is None or not _holds(batch, self.owner_id, self.connection):
+            return OwnerLeft(False, None)
+        if self.grace_seconds <= 0:
+            batch.end()
+            return OwnerLeft(True, None)
+        now = batch.records.now()
+        batch.set_presence(self.owner_id, {
+            **batch.records.here(batch.session_id, self.owner_id, OWNER, self.connection),
+            "away": True, "awaySince": now, "graceUntil": now + timedelta(seconds=self.grace_seconds)})
+        return OwnerLeft(False, batch.update(ownerLeftAt=now))
+
+
+@dataclass
+class _End(_Change):
+    may_end = True
+
+    def apply(self, batch: _Batch) -> None:
+        if batch.doc is not None:
+            batch.end()
+
+
+@dataclass
+class _MarkAway(_Change):
+    """A client of a process that died or stopped: away since `since`, back by `until` or removed."""
+
+    user_id: str
+    process_id: str
+    since: datetime
+    until: datetime
+
+    def users(self) -> tuple[str, ...]:
+        return (self.user_id,)
+
+    def apply(self, batch: _Batch) -> None:
+        presence = batch.presence.get(self.user_id)
+        if presence is None or presence.get("away") or presence.get("process") != self.process_id:
+            return  # reconnected meanwhile
+        batch.set_presence(self.user_id, {**presence, "away": True, "awaySince": self.since,
+                                          "graceUntil": self.until})
+        if presence["role"] == OWNER and batch.doc is not None:
+            batch.update(ownerLeftAt=self.since)
+
+
+@dataclass
+class _Expire(_Change):
+    """An away client whose grace (`until`) is over: removed (an owner ends its session)."""
+
+    user_id: str
+    until: datetime
+    may_end = True
+
+    def users(self) -> tuple[str, ...]:
+        return (self.user_id,)
+
+    def apply(self, batch: _Batch) -> None:
+        presence = batch.presence.get(self.user_id)
+        if presence is None or presence.get("graceUntil") != self.until:
+            return  # came back, or another process removed it first
+        if presence["role"] == OWNER:
+            if batch.doc is not None:
+                batch.end()
+            else:
+                batch.set_presence(self.user_id, None)
+            return
+        batch.set_presence(self.user_id, None)
+        if batch.doc is not None and batch.is_member(self.user_id):
+            batch.update(members=[m for m in batch.members() if m["id"] != self.user_id])
+
+
+@dataclass
+class _Ticket:
+    change: _Change
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  # this ticket's caller commits the next batch
+    finished: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Writer:
+    """Applies the membership changes of one session, many per transaction (group commit).
+
+    The caller whose change finds the writer idle commits it and everything
+    queued while that commit runs, batch after batch, until its own is done;
+    then it hands the writer to the next waiting caller. So one transaction at
+    a time per session per process, each carrying every change that arrived
+    while the previous one ran.
+    """
+
+    def __init__(self, records: SessionRecords, session_id: str) -> None:
+        self._records = records
+        self._session_id = session_id
+        self._lock = threading.Lock()
+        self._queue: list[_Ticket] = []
+        self._busy = False
+        self.users = 0  # callers inside `submit` (SessionRecords drops an unused writer)
+
+    def submit(self, change: _Change) -> Any:
+        ticket = _Ticket(change)
+        with self._lock:
+            self._queue.append(ticket)
+            ticket.lead = not self._busy
+            self._busy = True
+        try:
+            while not ticket.finished:
+                if ticket.lead:
+                    with self._lock:
+                        batch = self._queue[:MAX_CHANGES_PER_COMMIT]
+                        del self._queue[:MAX_CHANGES_PER_COMMIT]
+                    self._commit(batch)
+                    for other in batch:
+                        if other is not ticket:
+                            other.done.set()
+                else:
+                    ticket.done.wait()
+                    ticket.done.clear()
+        finally:
+            with self._lock:
+                if not ticket.finished and ticket in self._queue:
+                    self._queue.remove(ticket)  # its caller is gone (killed while waiting)
+                if ticket.lead:
+                    if self._queue:
+                        self._queue[0].lead = True
+                        self._queue[0].done.set()
+                    else:
+                        self._busy = False
+        return ticket.outcome()
+
+    def _commit(self, tickets: list[_Ticket]) -> None:
+        records, sid = self._records, self._session_id
+        store = records._store
+        users = sorted({u for ticket in tickets for u in ticket.change.users()})
+        may_end = any(ticket.change.may_end for ticket in tickets)
+        try:
+            presence_ids = [d.id for d in store.query(SESSION_PRESENCE, "sessionID", sid)] if may_end else []
+
+            def run(t: Transaction) -> list[tuple[Any, BaseException | None]]:
+                # Every read comes before every write, as Firestore's transactions require.
+                doc = t.get(SESSIONS, sid)
+                read = t.get_many(SESSION_PRESENCE, [presence_id(sid, u) for u in users])
+                presence = {u: read[presence_id(sid, u)] for u in users}
+                others = {p["process"] for p in presence.values()
+                          if p and not p.get("away") and p.get("process") not in (None, records.process_id)}
+                leases = {pid: (d or {}).get("leaseUntil") for pid, d in t.get_many(PROCESSES, sorted(others)).items()}
+                lock = t.get(SESSION_LOCKS, doc["batchID"]) if may_end and doc is not None else None
+                batch = _Batch(records, sid, doc, presence, leases, lock)
+                outcomes: list[tuple[Any, BaseException | None]] = []
+                for ticket in tickets:
+                    try:
+                        outcomes.append((ticket.change.apply(batch), None))
+                    except Refusal as e:
+                        outcomes.append((None, e))
+                batch.write(t, presence_ids)
+                return outcomes
+
+            outcomes = store.transaction(run)
+        except Exception as e:  # every change of the commit failed with it
+            if not isinstance(e, StoreError):
+                log.exception("membership commit of session %s failed", sid)
+            outcomes = [(None, e)] * len(tickets)
+        else:
+            records.commits += 1
+            records.changes += len(tickets)
+        for ticket, (result, error) in zip(tickets, outcomes, strict=True):
+            ticket.result, ticket.error, ticket.finished = result, error, True

@@ -91,7 +91,7 @@ def _serve(ws: Server, **_ids: str) -> None:
     admission: Admission = g.pop("admission")
     connection = Connection(ws)
     name = f"{admission.role} {admission.user_id!r} of session {admission.session_id}"
-    client = Client(connection, name=name, limit=config.client_queue_size,
+    client = Client(connection, name=name, max_bytes=config.client_queue_bytes,
                     keepalive_seconds=config.keepalive_seconds,
                     keepalive=lambda: protocol.KEEPALIVE(role=admission.role, sessionID=admission.session_id),
                     ping_seconds=config.idle_timeout_seconds / 2, write_timeout=config.idle_timeout_seconds)

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from . import protocol
 from .errors import Refusal
@@ -32,6 +32,7 @@ from .store import BATCHES, PROJECTS, SESSIONS, USERS, AlreadyExists, Data, Stor
 from .watches import ImageWatches, SharedListeners
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["MEMBER", "OWNER", "Admission", "Participant", "Peer", "Refusal", "SessionManager"]
 
@@ -42,6 +43,10 @@ class Peer(Protocol):
     def safe_enqueue(self, frame: Frame) -> bool: ...
 
     def close(self, code: int, reason: str) -> None: ...
+
+    def alive(self) -> bool:
+        """False once the connection is closed or closing (the peer may not have been read yet)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,12 @@ class Admission:
 
     @property
     def members(self) -> tuple[str, ...]:
-        return self.state.members
+        return self.state.member_ids
+
+    @property
+    def connection(self) -> str:
+        """The connection this admission recorded in the user's presence."""
+        return self.state.connection
 
 
 @dataclass(eq=False)
@@ -76,6 +86,7 @@ class Participant:
     admission: Admission
     peer: Peer
     watches: ImageWatches
+    gone: bool = False  # its connection ended: it no longer holds the user's place
 
     @property
     def user_id(self) -> str:
@@ -148,8 +159,10 @@ class SessionManager:
                  owner_grace: float = 0.0, reconnect_grace: float = 30.0, lease_seconds: float = 15.0) -> None:
         self._store = store
         self._clock = clock
-        self._records = SessionRecords(store, process_id or auto_id(), clock)
+        self._records = SessionRecords(store, process_id or auto_id(), clock, holds=self._holds)
         self._live: dict[str, _LiveSession] = {}
+        self._admitting: set[str] = set()  # connections admitted, not yet connected nor abandoned
+        self._connections: dict[str, Participant] = {}
         self._listeners = SharedListeners(store)
         self._owner_grace = owner_grace
         self._reconnect_grace = reconnect_grace
@@ -186,15 +199,16 @@ class SessionManager:
             raise Refusal(403, "only the project's owner can create a session")
         email = self._email(user_id)
         try:
-            return Admission(user_id, OWNER, self._records.create(batch_id, project_id, user_id, email))
+            return self._admitted(user_id, OWNER, self._records.create(batch_id, project_id, user_id, email))
         except AlreadyExists:
             pass
         resumed = self._records.resume_owner(batch_id, user_id)
         if resumed is not None:
-            return Admission(user_id, OWNER, resumed)
+            return self._admitted(user_id, OWNER, resumed)
         if self._records.clear_stale_lock(batch_id):
             try:
-                return Admission(user_id, OWNER, self._records.create(batch_id, project_id, user_id, email))
+                return self._admitted(user_id, OWNER,
+                                      self._records.create(batch_id, project_id, user_id, email))
             except AlreadyExists:
                 pass
         raise Refusal(409, f"a session is already live for batch {batch_id!r}")
@@ -202,20 +216,30 @@ class SessionManager:
     def join_session(self, session_id: str, user_id: str) -> Admission:
         """Add `user_id` to the session's members (or give its place back), or raise `Refusal`."""
         self._check_running()
-        return Admission(user_id, MEMBER, self._records.join(session_id, user_id, self._email(user_id)))
+        return self._admitted(user_id, MEMBER, self._records.join(session_id, user_id, self._email(user_id)))
+
+    def _admitted(self, user_id: str, role: str, state: SessionState) -> Admission:
+        self._admitting.add(state.connection)
+        return Admission(user_id, role, state)
 
     def abandon(self, admission: Admission) -> None:
         """Undo an admission whose upgrade failed: as if the client left at once."""
         sid, uid = admission.session_id, admission.user_id
+        self._admitting.discard(admission.connection)
         try:
             if admission.role == MEMBER:
-                self._records.leave(sid, uid)
-            elif self._owner_grace > 0:
-                self._records.owner_away(sid, uid, self._owner_grace)
+                self._records.leave(sid, uid, admission.connection)
             else:
-                self._records.end(sid, admission.batch_id)
+                self._records.owner_left(sid, uid, admission.connection, self._owner_grace)
         except StoreError as e:
             log.error("could not undo the admission of %r to %s: %s", uid, sid, e)
+
+    def _holds(self, connection: str) -> bool:
+        """Whether this process is admitting, or holds live, the connection `connection`."""
+        if connection in self._admitting:
+            return True
+        participant = self._connections.get(connection)
+        return participant is not None and not participant.gone and participant.peer.alive()
 
     # -- connected clients ---------------------------------------------------
     def connect(self, admission: Admission, peer: Peer) -> Participant:
@@ -224,6 +248,8 @@ class SessionManager:
         # A participant keeps its admission, not the member list of the moment (O(members) each).
         kept = Admission(uid, admission.role, replace(state, members=()))
         participant = Participant(kept, peer, ImageWatches(self._listeners, sid, peer.safe_enqueue))
+        self._admitting.discard(state.connection)
+        self._connections[state.connection] = participant
         live = self._live_session(state)
         live.version = max(live.version, state.version)
         if admission.role == OWNER:
@@ -235,7 +261,7 @@ class SessionManager:
         else:
             live.members[uid] = participant
             peer.safe_enqueue(protocol.SESSION_JOINED(sessionID=sid, role=MEMBER, ownerID=state.owner_id,
-                                                      members=list(state.members)))
+                                                      members=list(state.member_ids)))
             if uid not in live.known:
                 live.known.add(uid)
                 _broadcast(live.everyone_but(uid), protocol.MEMBER_JOINED(sessionID=sid, memberID=uid))
@@ -267,24 +293,30 @@ class SessionManager:
         clients are expected back, and other processes clean up after those
         who are not.
         """
+        participant.gone = True
         participant.watches.stop()
+        connection = participant.admission.connection
+        if self._connections.get(connection) is participant:
+            del self._connections[connection]
         live = self._live.get(participant.session_id)
         if live is None or not live.remove(participant):
-            return  # the session ended first: its end removed everything
+            return  # the session ended first (its end removed everything), or a newer connection took over
         sid, uid = participant.session_id, participant.user_id
         try:
             if self._stopping:
                 return
             if not participant.is_owner:
-                live.known.discard(uid)
-                self._write(live, lambda: self._records.leave(sid, uid))
-                _broadcast(live.everyone_but(uid), protocol.MEMBER_LEFT(sessionID=sid, memberID=uid))
-            elif self._owner_grace > 0:
+                if self._write(live, lambda: self._records.leave(sid, uid, connection)) is not None:
+                    live.known.discard(uid)
+                    _broadcast(live.everyone_but(uid), protocol.MEMBER_LEFT(sessionID=sid, memberID=uid))
+                return
+            left = self._write(live, lambda: self._records.owner_left(sid, uid, connection, self._owner_grace))
+            if left.ended:
+                if self._live.get(sid) is live:
+                    self._end_here(live)
+            elif left.version is not None:
                 live.owner_away = True
-                self._write(live, lambda: self._records.owner_away(sid, uid, self._owner_grace))
                 _broadcast(live.local_members(), protocol.OWNER_LEFT(sessionID=sid, ownerID=uid))
-            else:
-                self._end(live)
         except StoreError as e:
             log.error("could not record that %r left session %s: %s", uid, sid, e)
         finally:
@@ -333,8 +365,8 @@ class SessionManager:
         live = self._live.get(state.session_id)
         if live is not None:
             return live
-        live = _LiveSession(state.session_id, state.batch_id, state.owner_id, set(state.members), state.version,
-                            state.owner_away)
+        live = _LiveSession(state.session_id, state.batch_id, state.owner_id, set(state.member_ids),
+                            state.version, state.owner_away)
         self._live[state.session_id] = live
         try:
             live.listener = self._store.watch_document(
@@ -344,13 +376,16 @@ class SessionManager:
                       state.session_id, e)
         return live
 
-    def _write(self, live: _LiveSession, write: Callable[[], datetime | None]) -> None:
-        """Run a store write for `live`; snapshots arriving meanwhile wait for it."""
+    def _write(self, live: _LiveSession, write: Callable[[], T]) -> T:
+        """Run a store write for `live` (its result: a new version, or holding one); snapshots arriving
+        meanwhile wait for it."""
         live.writing += 1
         try:
-            version = write()
-            if version is not None:
+            result = write()
+            version = getattr(result, "version", result)
+            if isinstance(version, datetime):
                 live.version = max(live.version, version)
+            return result
         finally:
             live.writing -= 1
             if not live.writing:
@@ -391,14 +426,6 @@ class SessionManager:
             live.owner_away = away
             message = protocol.OWNER_LEFT if away else protocol.OWNER_JOINED
             _broadcast(live.local_members(), message(sessionID=sid, ownerID=live.owner_id))
-
-    def _end(self, live: _LiveSession) -> None:
-        """The owner left for good: delete the session, then close everyone here."""
-        self._unfollow(live)
-        try:
-            self._records.end(live.session_id, live.batch_id)
-        finally:
-            self._close_everyone(live)
 
     def _end_here(self, live: _LiveSession) -> None:
         """The session document is gone (ended by another process)."""

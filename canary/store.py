@@ -72,6 +72,11 @@ class Transaction(ABC):
     @abstractmethod
     def get(self, collection: str, doc_id: str) -> Data | None: ...
 
+    def get_many(self, collection: str, doc_ids: list[str]) -> dict[str, Data | None]:
+        """Several documents of one collection, by ID (None for a missing one); one round trip where the
+        store can."""
+        return {doc_id: self.get(collection, doc_id) for doc_id in doc_ids}
+
     @abstractmethod
     def create(self, collection: str, doc_id: str, data: Data) -> None: ...
 

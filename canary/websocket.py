@@ -23,6 +23,7 @@ flask-sock's `ws` object.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -86,6 +87,19 @@ class _Socket:
         except OSError:
             pass
 
+    def peer_open(self) -> bool:
+        """False if the peer closed the connection or sent a close frame that is not read yet."""
+        try:
+            if not select.select([self._sock], [], [], 0)[0]:
+                return True
+            head = self._sock.recv(2, socket.MSG_PEEK)
+        except OSError:
+            return False
+        if not head:
+            return False  # the peer's end of the connection
+        # A client's close frame: FIN + opcode 8, then the mask bit.
+        return not (len(head) == 2 and head[0] == 0x88 and head[1] & 0x80)
+
     def close(self) -> None:
         """Half-close, read what the peer still sends for a moment, then close."""
         try:
@@ -128,6 +142,10 @@ class Connection:
                 raise ConnectionClosed(ws.close_reason, ws.close_message)
             ws.event.wait()
             ws.event.clear()
+
+    def alive(self) -> bool:
+        """False once the connection is closed or closing, even if the reader has not noticed yet."""
+        return not self._interrupted and self._ws.connected and self._socket.peer_open()
 
     def interrupt(self) -> None:
         """Make `receive` raise `ConnectionClosed` now, whatever is still buffered."""

@@ -105,9 +105,10 @@ def make_client() -> Iterator[MakeClient]:
     """Build clients on fake connections; each is unblocked and stopped at the end."""
     made: list[tuple[Client, FakeConnection]] = []
 
-    def make(limit: int = 64, keepalive_seconds: float = 60.0, **timers: float) -> tuple[Client, FakeConnection]:
+    def make(max_bytes: int = 1 << 20, keepalive_seconds: float = 60.0,
+             **timers: float) -> tuple[Client, FakeConnection]:
         conn = FakeConnection()
-        client = Client(conn, name="test client", limit=limit, keepalive_seconds=keepalive_seconds,
+        client = Client(conn, name="test client", max_bytes=max_bytes, keepalive_seconds=keepalive_seconds,
                         keepalive=lambda: protocol.KEEPALIVE(role="owner", sessionID="s"), **timers)
         made.append((client, conn))
         return client, conn
@@ -139,7 +140,7 @@ def test_frames_are_written_in_order(make_client: MakeClient) -> None:
 
 
 def test_frames_from_greenlets_and_os_threads_all_arrive(make_client: MakeClient) -> None:
-    client, conn = make_client(limit=10_000)
+    client, conn = make_client(max_bytes=10_000 * len(note(0).data))
     per_source = 500
     results: dict[str, list[bool]] = {}
 
@@ -210,7 +211,7 @@ def test_snapshots_coalesce_to_the_newest_and_keep_their_place(make_client: Make
 
 
 def test_overflow_closes_with_1013(make_client: MakeClient) -> None:
-    client, conn = make_client(limit=8)
+    client, conn = make_client(max_bytes=8 * len(note(0).data))
     first = block(client, conn)
     for i in range(8):
         assert client.safe_enqueue(note(i)) is True

@@ -37,7 +37,8 @@ def test_defaults() -> None:
     assert config == Config()
     assert (config.port, config.jwt_secret, config.keepalive_seconds, config.idle_timeout_seconds) == \
         (8080, None, 30.0, 60.0)
-    assert (config.max_message_bytes, config.client_queue_size, config.worker_connections) == (65536, 64, 10_000)
+    assert (config.max_message_bytes, config.client_queue_bytes, config.worker_connections) == \
+        (65536, 1 << 20, 10_000)
     assert (config.store, config.seed, config.dev_api, config.cors_allow_credentials) == ("memory", {}, False, False)
     assert config.allowed_origins is None
 
@@ -49,11 +50,11 @@ def test_blank_values_mean_the_default() -> None:
 def test_valid_values_are_read() -> None:
     config = Config.from_env({
         "PORT": " 9000 ", "JWT_SECRET": "s", "KEEPALIVE_SECONDS": "0.5", "IDLE_TIMEOUT_SECONDS": "10",
-        "MAX_MESSAGE_BYTES": "64", "CLIENT_QUEUE_SIZE": "4", "WORKER_CONNECTIONS": "1", "CANARY_STORE": "memory",
+        "MAX_MESSAGE_BYTES": "64", "CLIENT_QUEUE_BYTES": "4096", "WORKER_CONNECTIONS": "1", "CANARY_STORE": "memory",
     })
     assert (config.port, config.jwt_secret, config.keepalive_seconds, config.idle_timeout_seconds) == \
         (9000, "s", 0.5, 10.0)
-    assert (config.max_message_bytes, config.client_queue_size, config.worker_connections) == (64, 4, 1)
+    assert (config.max_message_bytes, config.client_queue_bytes, config.worker_connections) == (64, 4096, 1)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,7 @@ def test_valid_values_are_read() -> None:
         ("FIRESTORE_TIMEOUT_SECONDS", "abc"), ("FIRESTORE_TIMEOUT_SECONDS", "0"),
         ("IDLE_TIMEOUT_SECONDS", "abc"), ("IDLE_TIMEOUT_SECONDS", "0"), ("IDLE_TIMEOUT_SECONDS", "-2.5"),
         ("MAX_MESSAGE_BYTES", "abc"), ("MAX_MESSAGE_BYTES", "63"), ("MAX_MESSAGE_BYTES", "1e6"),
-        ("CLIENT_QUEUE_SIZE", "abc"), ("CLIENT_QUEUE_SIZE", "3"),
+        ("CLIENT_QUEUE_BYTES", "abc"), ("CLIENT_QUEUE_BYTES", "1023"),
         ("WORKER_CONNECTIONS", "abc"), ("WORKER_CONNECTIONS", "0"),
     ],
 )

@@ -140,7 +140,7 @@ def test_snapshot_callbacks_from_real_os_threads_reach_the_client(emulator: Emul
     """Without gevent's patches the Firestore consumer is a real OS thread; safe_enqueue wakes the hub."""
     store = FirestoreStore(emulator.client())
     connection = _Connection()
-    client = QueueClient(connection, name="t", limit=64, keepalive_seconds=30, keepalive=lambda: None)
+    client = QueueClient(connection, name="t", max_bytes=1 << 20, keepalive_seconds=30, keepalive=lambda: None)
     threads: list[threading.Thread] = []
     image = unique("image")
 

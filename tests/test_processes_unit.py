@@ -47,6 +47,9 @@ class Peer:
     def close(self, code: int, reason: str) -> None:
         self.closes.append(code)
 
+    def alive(self) -> bool:
+        return not self.closes
+
     def take(self) -> list[tuple[str, str | None]]:
         """(type, subject) of the frames received since the last take."""
         taken = [(f["type"], f.get("memberID") or f.get("ownerID")) for f in self.frames]

@@ -56,7 +56,7 @@ def test_a_dead_owner_ends_the_session(idle_server: Server) -> None:
 
 
 def test_a_client_that_stops_reading_is_closed_with_1013_and_leaves(server_factory) -> None:
-    server = server_factory(CLIENT_QUEUE_SIZE="8")
+    server = server_factory(CLIENT_QUEUE_BYTES="1024")
     batch, owner = server.batch()
     host = Client.connect(owner_url(server, batch, owner))
     sid = host.welcome["sessionID"]

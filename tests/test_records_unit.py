@@ -1,0 +1,211 @@
+"""canary.records' group commit, sans I/O: a MemoryStore whose transactions can be held at a gate,
+and real OS threads as the concurrent callers (the service's are greenlets)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from canary import records as records_module
+from canary.errors import Refusal
+from canary.memory_store import MemoryStore
+from canary.records import SessionRecords, presence_id
+from canary.store import SESSION_PRESENCE, SESSIONS, StoreError, T, Transaction
+
+WAIT = 10.0
+
+
+class GatedStore(MemoryStore):
+    """A MemoryStore whose transactions wait at `gate` while it is closed, and can be made to fail."""
+
+    def __init__(self) -> None:
+        super().__init__({"users": {}})
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()  # a transaction is held at the closed gate
+        self.transactions = 0
+        self.fail_next = False
+
+    def transaction(self, fn: Callable[[Transaction], T]) -> T:
+        self.transactions += 1
+        if not self.gate.is_set():
+            self.waiting.set()
+            assert self.gate.wait(WAIT), "the gate was never opened"
+        if self.fail_next:
+            self.fail_next = False
+            raise StoreError("the store is down")
+        return super().transaction(fn)
+
+
+@pytest.fixture
+def store() -> GatedStore:
+    return GatedStore()
+
+
+@pytest.fixture
+def records(store: GatedStore) -> SessionRecords:
+    return SessionRecords(store, "A", lambda: datetime.now(UTC))
+
+
+@pytest.fixture
+def session(records: SessionRecords) -> str:
+    return records.create("b1", "p1", "owner", "owner@example.com").session_id
+
+
+def member_ids(store: MemoryStore, sid: str) -> list[str]:
+    return [m["id"] for m in store.get(SESSIONS, sid)["members"]]
+
+
+class Callers:
+    """Calls made from threads at once; `results` in call order (a value or the exception raised)."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.results: dict[int, Any] = {}
+
+    def start(self, fn: Callable[[], Any]) -> None:
+        index = len(self.threads)
+
+        def run() -> None:
+            try:
+                self.results[index] = fn()
+            except Exception as e:  # the outcome under test
+                self.results[index] = e
+
+        thread = threading.Thread(target=run, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self) -> list[Any]:
+        for thread in self.threads:
+            thread.join(WAIT)
+            assert not thread.is_alive(), "a caller never returned"
+        return [self.results[i] for i in range(len(self.threads))]
+
+
+def queued(records: SessionRecords, sid: str) -> int:
+    writer = records._writers.get(sid)
+    return len(writer._queue) if writer else 0
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    done = threading.Event()
+    for _ in range(int(WAIT / 0.005)):
+        if condition():
+            return
+        done.wait(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def held(store: GatedStore, session: str) -> Iterator[GatedStore]:
+    """The store, with `session` in it, and its gate closed (opened again at the end whatever happens)."""
+    store.gate.clear()
+    yield store
+    store.gate.set()
+
+
+def test_changes_queued_during_a_commit_go_in_the_next_one(records: SessionRecords, held: GatedStore,
+                                                           session: str) -> None:
+    before = records.commits
+    callers = Callers()
+    callers.start(lambda: records.join(session, "first", ""))
+    assert held.waiting.wait(WAIT)  # the first join's commit is held at the gate
+    for i in range(49):
+        callers.start(lambda i=i: records.join(session, f"m{i}", ""))
+    wait_until(lambda: queued(records, session) == 49, "49 joins queued behind the first")
+    held.gate.set()
+    results = callers.join()
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert records.commits - before == 2, "one commit for the first join, one for the 49 queued meanwhile"
+    assert records.changes >= 50
+    assert sorted(member_ids(held, session)) == sorted(["first", *(f"m{i}" for i in range(49))])
+    for i in range(49):
+        assert held.get(SESSION_PRESENCE, presence_id(session, f"m{i}"))["process"] == "A"
+    assert records._writers == {}, "an idle writer is dropped"
+
+
+def test_a_refused_change_does_not_fail_the_others_of_its_commit(records: SessionRecords, held: GatedStore,
+                                                                 session: str) -> None:
+    callers = Callers()
+    callers.start(lambda: records.join(session, "first", ""))
+    assert held.waiting.wait(WAIT)
+    callers.start(lambda: records.join(session, "ann", ""))
+    callers.start(lambda: records.join(session, "owner", ""))  # the owner cannot join its own session
+    callers.start(lambda: records.join(session, "bob", ""))
+    wait_until(lambda: queued(records, session) == 3, "3 joins queued")
+    held.gate.set()
+    _first, ann, owner, bob = callers.join()
+    assert isinstance(owner, Refusal)
+    assert owner.status == 409
+    assert (ann.member_ids, bob.member_ids) == (("first", "ann"), ("first", "ann", "bob"))
+    assert member_ids(held, session) == ["first", "ann", "bob"]
+
+
+def test_a_failed_commit_fails_each_of_its_changes_and_the_writer_goes_on(records: SessionRecords,
+                                                                          store: GatedStore, session: str) -> None:
+    store.fail_next = True
+    with pytest.raises(StoreError):
+        records.join(session, "ann", "")
+    assert member_ids(store, session) == []
+    assert records.join(session, "ann", "").member_ids == ("ann",)
+
+
+def test_a_commit_carries_at_most_the_maximum(records: SessionRecords, held: GatedStore, session: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(records_module, "MAX_CHANGES_PER_COMMIT", 4)
+    before = records.commits
+    callers = Callers()
+    callers.start(lambda: records.join(session, "first", ""))
+    assert held.waiting.wait(WAIT)
+    for i in range(10):
+        callers.start(lambda i=i: records.join(session, f"m{i}", ""))
+    wait_until(lambda: queued(records, session) == 10, "10 joins queued")
+    held.gate.set()
+    callers.join()
+    assert records.commits - before == 1 + 3  # 10 queued changes, 4 at most per commit
+    assert len(member_ids(held, session)) == 11
+
+
+def test_a_leave_of_an_older_connection_leaves_a_member_that_came_back(records: SessionRecords, store: GatedStore,
+                                                                       session: str) -> None:
+    first = records.join(session, "ann", "")
+    # ann's first connection is gone (not held by this process any more); she comes back.
+    records._holds = lambda connection: connection != first.connection
+    second = records.join(session, "ann", "")
+    assert second.resumed
+    assert records.leave(session, "ann", first.connection) is None  # the old connection's end
+    assert member_ids(store, session) == ["ann"]
+    assert store.get(SESSION_PRESENCE, presence_id(session, "ann"))["connection"] == second.connection
+    assert records.leave(session, "ann", second.connection) is not None
+    assert member_ids(store, session) == []
+    assert store.get(SESSION_PRESENCE, presence_id(session, "ann")) is None
+
+
+def test_a_member_whose_connection_is_live_here_is_refused(records: SessionRecords, session: str) -> None:
+    records.join(session, "ann", "")
+    with pytest.raises(Refusal) as caught:
+        records.join(session, "ann", "")
+    assert caught.value.status == 409
+
+
+def test_the_end_and_changes_after_it_in_one_commit(records: SessionRecords, held: GatedStore,
+                                                    session: str) -> None:
+    owner_connection = held.get(SESSION_PRESENCE, presence_id(session, "owner"))["connection"]
+    callers = Callers()
+    callers.start(lambda: records.join(session, "first", ""))
+    assert held.waiting.wait(WAIT)
+    callers.start(lambda: records.owner_left(session, "owner", owner_connection, 0))
+    callers.start(lambda: records.join(session, "late", ""))
+    wait_until(lambda: queued(records, session) == 2, "2 changes queued")
+    held.gate.set()
+    _first, left, late = callers.join()
+    assert left.ended
+    assert isinstance(late, Refusal)
+    assert late.status == 404
+    assert held.get(SESSIONS, session) is None
+    assert held.query(SESSION_PRESENCE, "sessionID", session) == []
