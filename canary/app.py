@@ -9,12 +9,14 @@ from typing import Any
 import gevent
 from flask import Flask, Response, request
 
-from . import dev, routes
+from . import dev, routes, sockets, webapp
 from .auth import Authenticator
 from .config import Config
 from .memory_store import MemoryStore
+from .passwords import BcryptPasswords
 from .sessions import SessionManager
 from .store import Store
+from .tokens import SessionTokens, development_key
 from .websocket import is_upgrade, server_options
 
 log = logging.getLogger("canary")
@@ -47,14 +49,21 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
     app.config["SOCK_SERVER_OPTIONS"] = server_options(max_message_bytes=config.max_message_bytes)
     auth = Authenticator(config.jwt_secret)
     if not auth.enabled:
-        log.warning("JWT_SECRET is not set: the service is OPEN, any caller can act as any user")
+        log.warning("JWT_SECRET is not set: the service is OPEN, any caller can act as any user (session "
+                    "tokens are still minted and checked, with a key the processes on this store share)")
+    tokens = SessionTokens(config.jwt_secret or development_key(store), ttl=config.session_token_seconds)
+    threadpool = gevent.get_hub().threadpool
     sessions = SessionManager(store, defer=_hub_deferral(), owner_grace=config.owner_grace_seconds,
                               reconnect_grace=config.reconnect_grace_seconds,
-                              lease_seconds=config.process_lease_seconds)
+                              lease_seconds=config.process_lease_seconds,
+                              token_seconds=config.session_token_seconds,
+                              passwords=BcryptPasswords(offload=lambda fn, *args: threadpool.apply(fn, args)))
     sessions.start()
     gevent.spawn(_maintain, sessions, config.process_lease_seconds / 3)
-    app.extensions["canary"] = routes.Services(config, sessions, auth)
+    app.extensions["canary"] = sockets.Services(config, sessions, auth, tokens)
     app.register_blueprint(routes.bp)
+    app.register_blueprint(webapp.bp)
+    sockets.install(app)
     if config.dev_api:
         log.warning("CANARY_DEV_API is on: /dev/ lets anyone read and write the store")
         app.extensions["canary.store"] = store

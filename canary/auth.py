@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jwt
 
 from .errors import Refusal
 
 
 class Authenticator:
-    """Checks that a request carries a valid login token for the user it names.
+    """Checks that a request carries a valid login token (for the user it names).
 
     With no secret the service runs open: every request is let through.
     """
@@ -20,21 +22,31 @@ class Authenticator:
     def enabled(self) -> bool:
         return self._secret is not None
 
-    def check(self, token: str | None, user_id: str) -> None:
-        """Raise `Refusal` 401 (no or bad token) or 403 (token of another user)."""
+    def identify(self, token: str | None) -> dict[str, Any] | None:
+        """The claims of a valid login token, or None when the service is open; raise `Refusal` 401."""
         if self._secret is None:
-            return
+            return None
         if not token:
             raise Refusal(401, "a login token is required (Authorization: Bearer, or the auth query parameter)")
         try:
-            claims = jwt.decode(token, self._secret, algorithms=["HS256"],
-                                options={"require": ["exp", "userID"]})
+            claims = jwt.decode(token, self._secret, algorithms=["HS256"], options={"require": ["exp", "userID"]})
         except jwt.ExpiredSignatureError:
             raise Refusal(401, "the login token has expired") from None
         except jwt.InvalidTokenError:
             raise Refusal(401, "the login token is invalid") from None
+        if not isinstance(claims["userID"], str):
+            raise Refusal(401, "the login token is invalid")
+        return claims
+
+    def check(self, token: str | None, user_id: str) -> dict[str, Any]:
+        """The claims of a valid login token of `user_id` ({} when the service is open); raise `Refusal` 401
+        (no or bad token) or 403 (a token of another user)."""
+        claims = self.identify(token)
+        if claims is None:
+            return {}
         if claims["userID"] != user_id:
             raise Refusal(403, "the login token belongs to another user")
+        return claims
 
 
 def bearer_token(authorization: str | None, query_token: str | None) -> str | None:

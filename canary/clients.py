@@ -36,6 +36,7 @@ class _Close:
 
 
 _TICK = object()  # queue item: a keepalive or a ping may be due
+_MAX_FRAMES_PER_WRITE = 256
 
 
 class _Ticker:
@@ -174,10 +175,12 @@ class Client:
             self._tick_queued = True
             self._queue.put(_TICK)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, *payloads: bytes) -> None:
+        if not payloads:
+            return
         self._writing_since = time.monotonic()
         try:
-            self._connection.send(data)
+            self._connection.send(*payloads)
         finally:
             self._writing_since = 0.0
 
@@ -202,20 +205,30 @@ class Client:
     def _write_loop(self) -> None:
         try:
             while True:
+                # Everything queued when the writer wakes goes out in one write (one system call).
                 item = self._queue.get()
-                if item is _TICK:
-                    if not self._timers():
+                payloads: list[bytes] = []
+                while True:
+                    if item is _TICK:
+                        self._write(*payloads)
+                        payloads = []
+                        if not self._timers():
+                            return
+                    elif isinstance(item, _Close):
+                        self._write(*payloads)
+                        self._connection.close(item.code, item.reason)
                         return
-                elif isinstance(item, _Close):
-                    self._connection.close(item.code, item.reason)
-                    return
-                elif self._closing is not None and not self._closing.flush:
-                    continue  # skip to the close: the client is not reading
-                elif isinstance(item, str):
-                    self._write(self._pending.pop(item).data)
-                else:
-                    self._queued_bytes -= len(item.data)  # type: ignore[union-attr]
-                    self._write(item.data)  # type: ignore[union-attr]
+                    elif self._closing is not None and not self._closing.flush:
+                        pass  # skip to the close: the client is not reading
+                    elif isinstance(item, str):
+                        payloads.append(self._pending.pop(item).data)
+                    else:
+                        self._queued_bytes -= len(item.data)  # type: ignore[union-attr]
+                        payloads.append(item.data)  # type: ignore[union-attr]
+                    if self._queue.empty() or len(payloads) >= _MAX_FRAMES_PER_WRITE:
+                        break
+                    item = self._queue.get_nowait()
+                self._write(*payloads)
         except (ConnectionClosed, OSError) as e:
             # The peer is gone, or stopped reading for longer than the write timeout.
             log.debug("writer of %s ends: %r", self.name, e)

@@ -38,9 +38,10 @@ class Config:
     owner_grace_seconds: float = 0.0
     reconnect_grace_seconds: float = 30.0
     process_lease_seconds: float = 15.0
+    session_token_seconds: float = 60.0
     cors_allow_origin: str = "*"
-    cors_allow_methods: str = "GET, POST, OPTIONS"
-    cors_allow_headers: str = "Authorization, Content-Type"
+    cors_allow_methods: str = "GET, POST, DELETE, OPTIONS"
+    cors_allow_headers: str = "Authorization, Content-Type, X-Session-Id"
     cors_allow_credentials: bool = False
     store: str = "memory"
     gcp_project_id: str | None = None
@@ -73,6 +74,7 @@ class Config:
             owner_grace_seconds=reader.number("OWNER_GRACE_SECONDS", cls.owner_grace_seconds, zero=True),
             reconnect_grace_seconds=reader.number("RECONNECT_GRACE_SECONDS", cls.reconnect_grace_seconds),
             process_lease_seconds=reader.number("PROCESS_LEASE_SECONDS", cls.process_lease_seconds),
+            session_token_seconds=reader.number("SESSION_TOKEN_SECONDS", cls.session_token_seconds),
             cors_allow_origin=env.get("CORS_ALLOW_ORIGIN") or cls.cors_allow_origin,
             cors_allow_methods=env.get("CORS_ALLOW_METHODS") or cls.cors_allow_methods,
             cors_allow_headers=env.get("CORS_ALLOW_HEADERS") or cls.cors_allow_headers,

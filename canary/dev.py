@@ -12,7 +12,8 @@ from typing import Any
 import greenlet
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from .routes import error, services
+from .routes import error
+from .sockets import services
 from .store import Store
 
 bp = Blueprint("canary_dev", __name__, url_prefix="/dev")

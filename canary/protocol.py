@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 #: Close codes the service uses besides the standard ones.
 CLOSE_SESSION_CLOSED = 4000
+CLOSE_MEMBER_KICKED = 4001
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_MESSAGE_TOO_BIG = 1009
@@ -66,6 +68,65 @@ class ClientMessage:
     meaning: str
 
 
+class Kind(StrEnum):
+    """What happened, whatever a client's vocabulary calls it."""
+
+    SESSION_CREATED = "session_created"
+    SESSION_JOINED = "session_joined"
+    MEMBER_JOINED = "member_joined"
+    MEMBER_LEFT = "member_left"
+    OWNER_LEFT = "owner_left"
+    OWNER_JOINED = "owner_joined"
+    KEY_POINTS = "key_points"
+    BOUNDING_BOXES = "bounding_boxes"
+    KEEPALIVE = "keepalive"
+    SESSION_CLOSED = "session_closed"
+    MEMBER_KICKED = "member_kicked"
+    PONG = "pong"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The messages one API speaks: a `ServerMessage` per `Kind` it tells its clients about."""
+
+    name: str
+    title: str
+    messages: dict[Kind, ServerMessage]
+
+
+class Event:
+    """One thing to tell clients, each in its vocabulary: encoded at most once per vocabulary.
+
+    `values` hold every field any vocabulary's message for `kind` takes; `time`
+    defaults to now, once for all of them.
+    """
+
+    __slots__ = ("_frames", "kind", "values")
+
+    def __init__(self, kind: Kind, **values: Any) -> None:
+        if "time" not in values:
+            values["time"] = utc_now()
+        self.kind = kind
+        self.values = values
+        self._frames: dict[str, Frame | None] = {}
+
+    def frame(self, vocabulary: Vocabulary) -> Frame | None:
+        """The message in `vocabulary`, or None if that vocabulary has none for this kind."""
+        try:
+            return self._frames[vocabulary.name]
+        except KeyError:
+            pass
+        message = vocabulary.messages.get(self.kind)
+        frame = None if message is None else message(**{name: self.values[name] for name in message.fields})
+        self._frames[vocabulary.name] = frame
+        return frame
+
+
+ERROR_CODES = ("binary_frame", "invalid_json", "invalid_message", "unknown_type", "invalid_payload",
+               "watch_failed", "rate_limited")
+
+# -- the seed's API: /sessions/<batchID> and /sessions/<sessionID>/join ------------------------------
 SESSION_CREATED = ServerMessage(
     "session_created",
     ("sessionID", "batchID", "role", "time"),
@@ -88,18 +149,20 @@ MEMBER_LEFT = ServerMessage(
     "member_left",
     ("sessionID", "memberID", "time"),
     "everyone in the session but that member",
-    "A member left (disconnected, timed out, or was dropped as a slow consumer).",
+    "A member left (disconnected, timed out, was dropped as a slow consumer, or was removed by the owner).",
 )
 OWNER_LEFT = ServerMessage(
     "owner_left",
     ("sessionID", "ownerID", "time"),
-    "every member, when the owner disconnects (with `OWNER_GRACE_SECONDS` > 0) or the owner's process stops",
-    "The owner is gone; the session waits for them to come back (the grace), then ends.",
+    "every member, when the owner disconnects from a session that waits for it (`OWNER_GRACE_SECONDS` > 0, "
+    "or a web-app session) or the owner's process stops",
+    "The owner is gone; the session waits for them to come back (the grace), then ends (a web-app session "
+    "waits until it is stopped).",
 )
 OWNER_JOINED = ServerMessage(
     "owner_joined",
     ("sessionID", "ownerID", "time"),
-    "every member, when the owner comes back within the grace",
+    "every member, when the owner comes back",
     "The owner resumed the session.",
 )
 LABELS_SNAPSHOT = ServerMessage(
@@ -125,18 +188,70 @@ KEEPALIVE = ServerMessage(
 SESSION_CLOSED = ServerMessage(
     "session_closed",
     ("sessionID", "time"),
-    "every member, when the session ends (the owner left, or did not come back within the grace)",
+    "everyone in the session, when it ends (the owner left or did not come back within the grace, or the "
+    "owner stopped it)",
     f"The session is over; the socket then closes with code {CLOSE_SESSION_CLOSED}.",
+)
+MEMBER_KICKED = ServerMessage(
+    "member_kicked",
+    ("sessionID", "time"),
+    "the member the owner removed (`DELETE /sessions/{id}/members/{memberID}`)",
+    f"You were removed from the session; the socket then closes with code {CLOSE_MEMBER_KICKED}.",
 )
 PONG = ServerMessage("pong", ("time",), "the client that sent `ping`", "Answer to `ping`.")
 ERROR = ServerMessage(
     "error",
     ("code", "message"),
     "the client that sent a bad frame",
-    "The frame was refused; the connection stays open. Codes: "
-    + ", ".join(f"`{code}`" for code in ("binary_frame", "invalid_json", "invalid_message",
-                                          "unknown_type", "invalid_payload", "watch_failed")),
+    "The frame was refused; the connection stays open. Codes: " + ", ".join(f"`{c}`" for c in ERROR_CODES),
 )
+
+SEED = Vocabulary("seed", "the seed's API (`/sessions/<batchID>`, `/sessions/<sessionID>/join`)", {
+    Kind.SESSION_CREATED: SESSION_CREATED, Kind.SESSION_JOINED: SESSION_JOINED, Kind.MEMBER_JOINED: MEMBER_JOINED,
+    Kind.MEMBER_LEFT: MEMBER_LEFT, Kind.OWNER_LEFT: OWNER_LEFT, Kind.OWNER_JOINED: OWNER_JOINED,
+    Kind.KEY_POINTS: LABELS_SNAPSHOT, Kind.BOUNDING_BOXES: BOUNDING_BOXES_SNAPSHOT, Kind.KEEPALIVE: KEEPALIVE,
+    Kind.SESSION_CLOSED: SESSION_CLOSED, Kind.MEMBER_KICKED: MEMBER_KICKED, Kind.PONG: PONG, Kind.ERROR: ERROR,
+})
+
+# -- the web app's API: /sessions/<sessionID>/ws/create and /ws/join ---------------------------------
+_WEBAPP_PRESENCE = "The web app shows a notice with the e-mail (or the ID)."
+WEBAPP = Vocabulary("webapp", "the web app's API (`/sessions/<sessionID>/ws/create`, `/ws/join`)", {
+    Kind.MEMBER_JOINED: ServerMessage(
+        "member_joined", ("sessionID", "memberID", "memberEmail", "time"),
+        "everyone in the session but that member",
+        "A member joined (at its REST join, or coming back). " + _WEBAPP_PRESENCE),
+    Kind.MEMBER_LEFT: ServerMessage(
+        "member_left", ("sessionID", "memberID", "memberEmail", "time"),
+        "everyone in the session but that member",
+        "A member left, or was removed by the owner. " + _WEBAPP_PRESENCE),
+    Kind.OWNER_LEFT: ServerMessage(
+        "owner_left", ("sessionID", "ownerID", "ownerEmail", "time"),
+        "every member, when the owner's socket closes",
+        "The owner is away; the session goes on until the owner stops it."),
+    Kind.OWNER_JOINED: ServerMessage(
+        "owner_joined", ("sessionID", "ownerID", "ownerEmail", "time"),
+        "every member, when the owner's socket opens (on any process)",
+        "The owner is connected."),
+    Kind.KEY_POINTS: ServerMessage(
+        "key_points_snapshot", ("sessionID", "time"), "the client watching that image",
+        "The image's keypoints changed (the first one, right after `setImageID`, says the watch is ready). "
+        "Re-fetch over REST.", coalesce=True),
+    Kind.BOUNDING_BOXES: ServerMessage(
+        "bounding_boxes_snapshot", ("sessionID", "time"), "the client watching that image",
+        "The image's bounding boxes changed (the first one says the watch is ready). Re-fetch over REST.",
+        coalesce=True),
+    Kind.KEEPALIVE: KEEPALIVE,
+    Kind.SESSION_CLOSED: ServerMessage(
+        "session_closed", ("sessionID", "time"), "everyone in the session, when the owner stops it",
+        f"The session is over; the socket then closes with code {CLOSE_SESSION_CLOSED}."),
+    Kind.MEMBER_KICKED: MEMBER_KICKED,
+    Kind.PONG: PONG,
+    Kind.ERROR: ERROR,
+})
+
+VOCABULARIES: tuple[Vocabulary, ...] = (SEED, WEBAPP)
+SERVER_MESSAGES: tuple[ServerMessage, ...] = tuple(dict.fromkeys(
+    m for vocabulary in VOCABULARIES for m in vocabulary.messages.values()))
 
 SET_IMAGE_ID = ClientMessage(
     "setImageID",
@@ -145,10 +260,6 @@ SET_IMAGE_ID = ClientMessage(
 )
 PING = ClientMessage("ping", (), "Ask for a `pong`.")
 
-SERVER_MESSAGES: tuple[ServerMessage, ...] = (
-    SESSION_CREATED, SESSION_JOINED, MEMBER_JOINED, MEMBER_LEFT, OWNER_LEFT, OWNER_JOINED, LABELS_SNAPSHOT,
-    BOUNDING_BOXES_SNAPSHOT, KEEPALIVE, SESSION_CLOSED, PONG, ERROR,
-)
 CLIENT_MESSAGES: dict[str, ClientMessage] = {m.type: m for m in (SET_IMAGE_ID, PING)}
 
 
@@ -160,9 +271,9 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
 
-    def frame(self) -> Frame:
+    def event(self) -> Event:
         """The `error` message that tells the client about it."""
-        return ERROR(code=self.code, message=self.message)
+        return Event(Kind.ERROR, code=self.code, message=self.message)
 
 
 class Request(NamedTuple):
@@ -205,7 +316,7 @@ def parse_client_frame(data: str | bytes) -> Request:
 def message_reference() -> str:
     """The Markdown message reference (what docs/protocol.md holds)."""
     lines = [
-        "### Client → server",
+        "### Client → server (both APIs)",
         "",
         "| type | payload fields | meaning |",
         "|---|---|---|",
@@ -213,16 +324,17 @@ def message_reference() -> str:
     for c in CLIENT_MESSAGES.values():
         fields = ", ".join(f"`{f}`" for f in c.payload) or "none"
         lines.append(f"| `{c.type}` | {fields} | {c.meaning} |")
-    lines += [
-        "",
-        "### Server → client",
-        "",
-        "| type | fields (besides `type`) | sent to | meaning |",
-        "|---|---|---|---|",
-    ]
-    for s in SERVER_MESSAGES:
-        fields = ", ".join(f"`{f}`" for f in s.fields)
-        lines.append(f"| `{s.type}` | {fields} | {s.audience} | {s.meaning} |")
+    for vocabulary in VOCABULARIES:
+        lines += [
+            "",
+            f"### Server → client: {vocabulary.title}",
+            "",
+            "| type | fields (besides `type`) | sent to | meaning |",
+            "|---|---|---|---|",
+        ]
+        for s in vocabulary.messages.values():
+            fields = ", ".join(f"`{f}`" for f in s.fields)
+            lines.append(f"| `{s.type}` | {fields} | {s.audience} | {s.meaning} |")
     return "\n".join(lines) + "\n"
 
 

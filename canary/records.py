@@ -38,6 +38,7 @@ from .store import (
     SESSION_LOCKS,
     SESSION_PRESENCE,
     SESSIONS,
+    USERS,
     Data,
     Store,
     StoreError,
@@ -78,6 +79,9 @@ class SessionState:
     resumed: bool = False
     #: The connection this admission recorded in the user's presence ("" when it recorded none).
     connection: str = ""
+    #: Created through the web app's REST API: it lives until its owner stops it.
+    persistent: bool = False
+    project_id: str = ""
 
     @property
     def owner_id(self) -> str:
@@ -91,7 +95,8 @@ class SessionState:
     def of(cls, session_id: str, doc: Data, *, resumed: bool = False, connection: str = "") -> SessionState:
         return cls(session_id, doc["batchID"], Member(doc["owner"]["id"], doc["owner"].get("email", "")),
                    tuple(Member(m["id"], m.get("email", "")) for m in doc.get("members", [])),
-                   doc["lastUpdated"], doc.get("ownerLeftAt") is not None, resumed, connection)
+                   doc["lastUpdated"], doc.get("ownerLeftAt") is not None, resumed, connection,
+                   bool(doc.get("persistent")), doc.get("projectID", ""))
 
 
 #: Whether this process holds a live connection with that ID (or is admitting it right now).
@@ -133,6 +138,12 @@ class SessionRecords:
     def now(self) -> datetime:
         return self._clock()
 
+    def emails(self, user_ids: Iterable[str]) -> dict[str, str]:
+        """Each user's e-mail from its `users` document ("" when unknown), in one read."""
+        docs = self._store.get_many(USERS, sorted(set(user_ids)))
+        return {uid: email if isinstance(email := (doc or {}).get("email"), str) else ""
+                for uid, doc in docs.items()}
+
     def _submit(self, session_id: str, change: _Change) -> Any:
         with self._writers_lock:
             writer = self._writers.get(session_id)
@@ -148,12 +159,21 @@ class SessionRecords:
                     del self._writers[session_id]
 
     # -- sessions ----------------------------------------------------------------
-    def create(self, batch_id: str, project_id: str, owner_id: str, email: str) -> SessionState:
-        """Write a new session and its owner's presence; raises `AlreadyExists` if the batch has one."""
-        session_id, connection = auto_id(), auto_id()
+    def create(self, batch_id: str, project_id: str, owner_id: str, email: str, *, persistent: bool = False,
+               password_hash: str | None = None, connected: bool = True) -> SessionState:
+        """Write a new session (and, if `connected`, its owner's presence); raises `AlreadyExists` if the batch
+        has one. A `persistent` session lives until it is stopped; one created with nobody connected
+        starts with its owner away."""
+        session_id, connection = auto_id(), (auto_id() if connected else "")
         now = self._clock()
-        doc = {"owner": {"id": owner_id, "email": email}, "batchID": batch_id, "projectID": project_id,
-               "members": [], "lastUpdated": now}
+        doc: Data = {"owner": {"id": owner_id, "email": email}, "batchID": batch_id, "projectID": project_id,
+                     "members": [], "lastUpdated": now}
+        if persistent:
+            doc["persistent"] = True
+        if password_hash:
+            doc["password"] = password_hash
+        if not connected:
+            doc["ownerLeftAt"] = now
 
         def create(t: Transaction) -> None:
             # The lock's existence precondition decides the race between creates. It is the
@@ -161,8 +181,9 @@ class SessionRecords:
             # and stops at the failing one, instead of all-or-nothing.
             t.create(SESSION_LOCKS, batch_id, {"sessionID": session_id, "createdAt": now})
             t.create(SESSIONS, session_id, doc)
-            t.set(SESSION_PRESENCE, presence_id(session_id, owner_id),
-                  self.here(session_id, owner_id, OWNER, connection))
+            if connected:
+                t.set(SESSION_PRESENCE, presence_id(session_id, owner_id),
+                      self.here(session_id, owner_id, OWNER, connection))
 
         self._store.transaction(create)
         return SessionState.of(session_id, doc, connection=connection)
@@ -187,9 +208,39 @@ class SessionRecords:
 
         return self._store.transaction(clear)
 
-    def join(self, session_id: str, user_id: str, email: str) -> SessionState:
-        """Add a member, or give a member whose socket is gone (a restart) its place back."""
-        return self._submit(session_id, _Join(user_id, email, auto_id()))
+    def join(self, session_id: str, user_id: str, email: str | None = None, *,
+             pending: timedelta | None = None) -> SessionState:
+        """Add a member, or give a member whose socket is gone (a restart) its place back.
+
+        Without `email`, the user's is read (for every join of a commit at once).
+        With `pending` (a web-app join, before any socket), the member is listed
+        but not connected: it is removed if no socket of its attaches within
+        `pending`.
+        """
+        return self._submit(session_id, _Join(user_id, email, "" if pending else auto_id(), pending))
+
+    def attach(self, session_id: str, user_id: str, role: str, issued_at: datetime) -> SessionState:
+        """A web-app socket of a listed user, with a session token issued at `issued_at`."""
+        return self._submit(session_id, _Attach(user_id, role, auto_id(), issued_at))
+
+    def kick(self, session_id: str, caller: str, member_id: str) -> datetime:
+        """The owner `caller` removes `member_id`; tokens issued before now no longer attach it."""
+        return self._submit(session_id, _Kick(caller, member_id))
+
+    def stop(self, session_id: str, caller: str) -> None:
+        """The owner `caller` ends the session."""
+        self._submit(session_id, _Stop(caller))
+
+    def connected(self, session_id: str, user_id: str) -> bool:
+        """Whether a live process holds a socket of that user in that session (read now, no lock)."""
+        presence = self._store.get(SESSION_PRESENCE, presence_id(session_id, user_id))
+        if presence is None or presence.get("away"):
+            return False
+        if presence.get("process") == self.process_id:
+            return self._holds(presence.get("connection", ""))
+        process = self._store.get(PROCESSES, presence.get("process", ""))
+        lease = (process or {}).get("leaseUntil")
+        return isinstance(lease, datetime) and lease > self._clock()
 
     def leave(self, session_id: str, user_id: str, connection: str) -> datetime | None:
         """Remove a member whose `connection` ended; the new version, or None if nothing changed.
@@ -289,6 +340,8 @@ class _Batch:
         presence = self.presence.get(user_id)
         if presence is None or presence.get("away"):
             return False
+        if user_id in self._presence_changed:
+            return True  # admitted by an earlier change of this very commit
         if presence.get("process") == self.records.process_id:
             return self.records._holds(presence.get("connection", ""))
         lease = self._leases.get(presence.get("process", ""))
@@ -332,9 +385,10 @@ class _Batch:
 
 @dataclass
 class _Change:
-    """One membership change: the users whose presence it reads, and what it does to a `_Batch`."""
+    """One membership change: the users whose presence it reads (given the session document), and what it
+    does to a `_Batch`."""
 
-    def users(self) -> tuple[str, ...]:
+    def users(self, doc: Data | None) -> tuple[str, ...]:
         return ()
 
     #: Whether it may end the session (its presence documents are then looked up first).
@@ -347,27 +401,109 @@ class _Change:
 @dataclass
 class _Join(_Change):
     user_id: str
-    email: str
-    connection: str
+    email: str | None  # None: read by the commit
+    connection: str  # "" with `pending`
+    pending: timedelta | None = None
 
-    def users(self) -> tuple[str, ...]:
+    def users(self, doc: Data | None) -> tuple[str, ...]:
+        # Only a member's presence matters (is it connected elsewhere?): a new member's is not read,
+        # except by a web-app join, which keeps the record of an earlier removal.
+        listed = doc is not None and any(m["id"] == self.user_id for m in doc.get("members", []))
+        return (self.user_id,) if listed or self.pending else ()
+
+    def apply(self, batch: _Batch) -> SessionState:
+        sid, uid = batch.session_id, self.user_id
+        if batch.doc is None:
+            raise Refusal(404, "Session not found" if self.pending else f"session {sid!r} not found")
+        if batch.doc["owner"]["id"] == uid:
+            raise Refusal(409, f"{uid!r} owns this session")
+        listed = batch.is_member(uid)
+        if listed and batch.connected(uid):
+            raise Refusal(409, "User is already in session" if self.pending else f"{uid!r} is already in this session")
+        if self.pending:
+            now = batch.records.now()
+            kicked = (batch.presence.get(uid) or {}).get("kickedAt")
+            batch.set_presence(uid, {**batch.records.here(sid, uid, MEMBER, ""), "process": None, "away": True,
+                                     "awaySince": now, "graceUntil": now + self.pending, "kickedAt": kicked})
+        else:
+            batch.set_presence(uid, batch.records.here(sid, uid, MEMBER, self.connection))
+        if listed:
+            return SessionState.of(sid, batch.doc, resumed=True, connection=self.connection)
+        batch.update(members=[*batch.members(), {"id": uid, "email": self.email or ""}])
+        return SessionState.of(sid, batch.doc, connection=self.connection)
+
+
+@dataclass
+class _Attach(_Change):
+    """A web-app socket: the session, the owner and the member are checked against the store again."""
+
+    user_id: str
+    role: str
+    connection: str
+    issued_at: datetime
+
+    def users(self, doc: Data | None) -> tuple[str, ...]:
         return (self.user_id,)
 
     def apply(self, batch: _Batch) -> SessionState:
         sid, uid = batch.session_id, self.user_id
         if batch.doc is None:
-            raise Refusal(404, f"session {sid!r} not found")
-        if batch.doc["owner"]["id"] == uid:
-            raise Refusal(409, f"{uid!r} owns this session")
-        here = batch.records.here(sid, uid, MEMBER, self.connection)
-        if batch.is_member(uid):
-            if batch.connected(uid):
-                raise Refusal(409, f"{uid!r} is already in this session")
-            batch.set_presence(uid, here)
-            return SessionState.of(sid, batch.doc, resumed=True, connection=self.connection)
-        batch.update(members=[*batch.members(), {"id": uid, "email": self.email}])
-        batch.set_presence(uid, here)
-        return SessionState.of(sid, batch.doc, connection=self.connection)
+            raise Refusal(404, "session not found")
+        owner = batch.doc["owner"]["id"]
+        presence = batch.presence.get(uid) or {}
+        if self.role == OWNER:
+            if owner != uid:
+                raise Refusal(403, "only the session's owner can open /ws/create")
+        elif owner == uid:
+            raise Refusal(403, "this is the owner's session: open /ws/create")
+        elif not batch.is_member(uid):
+            raise Refusal(403, "not a member of this session: join it first")
+        elif isinstance(kicked := presence.get("kickedAt"), datetime) and self.issued_at <= kicked:
+            raise Refusal(403, "removed from this session by its owner")
+        if batch.connected(uid):
+            raise Refusal(409, "already connected to this session")
+        batch.set_presence(uid, {**batch.records.here(sid, uid, self.role, self.connection),
+                                 "kickedAt": presence.get("kickedAt")})
+        if self.role == OWNER and batch.doc.get("ownerLeftAt") is not None:
+            batch.update(ownerLeftAt=None)
+        return SessionState.of(sid, batch.doc, resumed=True, connection=self.connection)
+
+
+@dataclass
+class _Kick(_Change):
+    caller: str
+    member_id: str
+
+    def users(self, doc: Data | None) -> tuple[str, ...]:
+        return (self.member_id,)
+
+    def apply(self, batch: _Batch) -> datetime:
+        if batch.doc is None:
+            raise Refusal(404, "Session not found")
+        if batch.doc["owner"]["id"] != self.caller:
+            raise Refusal(403, "Only the session owner can remove members")
+        if self.member_id == self.caller:
+            raise Refusal(400, "Owner cannot be removed from session")
+        if not batch.is_member(self.member_id):
+            raise Refusal(404, "Member not found in session")
+        now = batch.records.now()
+        batch.set_presence(self.member_id, {
+            **batch.records.here(batch.session_id, self.member_id, MEMBER, ""), "process": None, "away": True,
+            "awaySince": now, "kickedAt": now})
+        return batch.update(members=[m for m in batch.members() if m["id"] != self.member_id])
+
+
+@dataclass
+class _Stop(_Change):
+    caller: str
+    may_end = True
+
+    def apply(self, batch: _Batch) -> None:
+        if batch.doc is None:
+            raise Refusal(404, "Session not found")
+        if batch.doc["owner"]["id"] != self.caller:
+            raise Refusal(403, "Only the session owner can stop the session")
+        batch.end()
 
 
 @dataclass
@@ -375,7 +511,7 @@ class _ResumeOwner(_Change):
     owner_id: str
     connection: str
 
-    def users(self) -> tuple[str, ...]:
+    def users(self, doc: Data | None) -> tuple[str, ...]:
         return (self.owner_id,)
 
     def apply(self, batch: _Batch) -> SessionState | None:
@@ -398,7 +534,7 @@ class _Leave(_Change):
     user_id: str
     connection: str
 
-    def users(self) -> tuple[str, ...]:
+    def users(self, doc: Data | None) -> tuple[str, ...]:
         return (self.user_id,)
 
     def apply(self, batch: _Batch) -> datetime | None:
@@ -418,19 +554,22 @@ class _OwnerLeaves(_Change):
     grace_seconds: float
     may_end = True
 
-    def users(self) -> tuple[str, ...]:
+    def users(self, doc: Data | None) -> tuple[str, ...]:
         return (self.owner_id,)
 
     def apply(self, batch: _Batch) -> OwnerLeft:
         if batch.doc is None or not _holds(batch, self.owner_id, self.connection):
             return OwnerLeft(False, None)
-        if self.grace_seconds <= 0:
+        persistent = bool(batch.doc.get("persistent"))
+        if self.grace_seconds <= 0 and not persistent:
             batch.end()
             return OwnerLeft(True, None)
         now = batch.records.now()
+        # A persistent session waits for its owner until it is stopped: no grace runs out.
+        until = None if persistent else now + timedelta(seconds=self.grace_seconds)
         batch.set_presence(self.owner_id, {
             **batch.records.here(batch.session_id, self.owner_id, OWNER, self.connection),
-            "away": True, "awaySince": now, "graceUntil": now + timedelta(seconds=self.grace_seconds)})
+            "away": True, "awaySince": now, "graceUntil": until})
         return OwnerLeft(False, batch.update(ownerLeftAt=now))
 
 
@@ -452,16 +591,18 @@ class _MarkAway(_Change):
     since: datetime
     until: datetime
 
-    def users(self) -> tuple[str, ...]:
+    def users(self, doc: Data | None) -> tuple[str, ...]:
         return (self.user_id,)
 
     def apply(self, batch: _Batch) -> None:
         presence = batch.presence.get(self.user_id)
         if presence is None or presence.get("away") or presence.get("process") != self.process_id:
             return  # reconnected meanwhile
+        owner = presence["role"] == OWNER
+        persistent = batch.doc is not None and bool(batch.doc.get("persistent"))
         batch.set_presence(self.user_id, {**presence, "away": True, "awaySince": self.since,
-                                          "graceUntil": self.until})
-        if presence["role"] == OWNER and batch.doc is not None:
+                                          "graceUntil": None if owner and persistent else self.until})
+        if owner and batch.doc is not None:
             batch.update(ownerLeftAt=self.since)
 
 
@@ -473,7 +614,7 @@ class _Expire(_Change):
     until: datetime
     may_end = True
 
-    def users(self) -> tuple[str, ...]:
+    def users(self, doc: Data | None) -> tuple[str, ...]:
         return (self.user_id,)
 
     def apply(self, batch: _Batch) -> None:
@@ -558,14 +699,19 @@ class _Writer:
     def _commit(self, tickets: list[_Ticket]) -> None:
         records, sid = self._records, self._session_id
         store = records._store
-        users = sorted({u for ticket in tickets for u in ticket.change.users()})
         may_end = any(ticket.change.may_end for ticket in tickets)
         try:
+            unknown = [t.change for t in tickets if isinstance(t.change, _Join) and t.change.email is None]
+            if unknown:
+                emails = records.emails(change.user_id for change in unknown)
+                for change in unknown:
+                    change.email = emails[change.user_id]
             presence_ids = [d.id for d in store.query(SESSION_PRESENCE, "sessionID", sid)] if may_end else []
 
             def run(t: Transaction) -> list[tuple[Any, BaseException | None]]:
                 # Every read comes before every write, as Firestore's transactions require.
                 doc = t.get(SESSIONS, sid)
+                users = sorted({u for ticket in tickets for u in ticket.change.users(doc)})
                 read = t.get_many(SESSION_PRESENCE, [presence_id(sid, u) for u in users])
                 presence = {u: read[presence_id(sid, u)] for u in users}
                 others = {p["process"] for p in presence.values()

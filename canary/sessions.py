@@ -1,40 +1,48 @@
-"""Session rules: who may create and join, who is told what, across processes.
+"""Session rules: who may create, join and connect, who is told what, across processes.
 
 This module decides and the edges do the I/O: it talks to the store through
 `SessionRecords` and the `Store` interface and to clients through the `Peer`
 protocol (queue a frame, close), and imports neither Flask, gevent nor
 Firestore, so every rule here can be unit-tested without sockets.
 
+Two APIs share these sessions (one core, two vocabularies at the edge): the
+seed's, where a socket's upgrade creates or joins a session and the session
+ends when its owner leaves, and the web app's, where sessions are created and
+joined over REST (a join hands out a session token, and the member is listed
+from then on), sockets attach to them with that token, and a session lives
+until its owner stops it (`persistent`). Each participant is told everything
+in its own vocabulary (`protocol.Event`).
+
 The owner and members of one session may be connected to different processes.
 Each process that holds clients of a session follows the session document
 (one listener per session per process) and derives `member_joined`,
-`member_left`, `owner_left` and `owner_joined` from its changes, and the end of
-the session from its deletion. Events caused by this process's own clients are
-delivered at once and remembered (`known`, `owner_away`), so the same change
-arriving through the listener is not delivered twice; snapshots older than what
-this process already wrote or saw (`version`, from `lastUpdated`) are ignored.
+`member_left`, `owner_left`, `owner_joined`, kicks and the end of the session
+from its changes. Events caused by this process's own clients are delivered at
+once and remembered (`known`, `owner_away`), so the same change arriving
+through the listener is not delivered twice; snapshots older than what this
+process already wrote or saw (`version`, from `lastUpdated`) are ignored.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, Protocol
 
 from . import protocol
 from .errors import Refusal
-from .protocol import Frame, ProtocolError
+from .protocol import Event, Frame, Kind, ProtocolError, Vocabulary
 from .records import MEMBER, OWNER, SessionRecords, SessionState
-from .store import BATCHES, PROJECTS, SESSIONS, USERS, AlreadyExists, Data, Store, StoreError, Watch, auto_id
+from .store import BATCHES, PROJECTS, SESSIONS, AlreadyExists, Data, Store, StoreError, Watch, auto_id
 from .watches import ImageWatches, SharedListeners
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-__all__ = ["MEMBER", "OWNER", "Admission", "Participant", "Peer", "Refusal", "SessionManager"]
+__all__ = ["MEMBER", "OWNER", "Admission", "Participant", "Passwords", "Peer", "Refusal", "SessionManager"]
 
 
 class Peer(Protocol):
@@ -49,9 +57,17 @@ class Peer(Protocol):
         ...
 
 
+class Passwords(Protocol):
+    """Session passwords: stored as hashes (bcrypt), checked against them."""
+
+    def hash(self, password: str) -> str: ...
+
+    def verify(self, password: str, hashed: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Admission:
-    """A create or join the store has accepted, before the socket is upgraded."""
+    """A client the store has accepted, before its socket is upgraded."""
 
     user_id: str
     role: str
@@ -79,13 +95,29 @@ class Admission:
         return self.state.connection
 
 
+class Grant(NamedTuple):
+    """A web-app join: the role the session token is for, and the session as it then stood."""
+
+    role: str
+    state: SessionState
+
+
+class ActiveSession(NamedTuple):
+    """A live session as `GET /sessions/active` lists it."""
+
+    session_id: str
+    doc: Data
+    owner_connected: bool
+
+
 @dataclass(eq=False)
 class Participant:
     """A connected client in a session (owner or member)."""
 
     admission: Admission
     peer: Peer
-    watches: ImageWatches
+    vocabulary: Vocabulary
+    watches: ImageWatches = field(init=False)
     gone: bool = False  # its connection ended: it no longer holds the user's place
 
     @property
@@ -100,6 +132,12 @@ class Participant:
     def is_owner(self) -> bool:
         return self.admission.role == OWNER
 
+    def tell(self, event: Event) -> None:
+        """Queue `event` in this client's vocabulary (if it has a message for it)."""
+        frame = event.frame(self.vocabulary)
+        if frame is not None:
+            self.peer.safe_enqueue(frame)
+
 
 @dataclass(eq=False)
 class _LiveSession:
@@ -108,7 +146,8 @@ class _LiveSession:
     session_id: str
     batch_id: str
     owner_id: str
-    known: set[str]  # member IDs whose arrival has been announced here
+    owner_email: str
+    known: dict[str, str]  # member ID -> e-mail, for the members whose arrival has been announced here
     version: datetime
     owner_away: bool
     owner: Participant | None = None
@@ -135,14 +174,20 @@ class _LiveSession:
             return True
         return False
 
+    def member_event(self, kind: Kind, user_id: str) -> Event:
+        return Event(kind, sessionID=self.session_id, memberID=user_id, memberEmail=self.known.get(user_id, ""))
+
+    def owner_event(self, kind: Kind) -> Event:
+        return Event(kind, sessionID=self.session_id, ownerID=self.owner_id, ownerEmail=self.owner_email)
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _broadcast(recipients: list[Participant], frame: Frame) -> None:
+def _broadcast(recipients: list[Participant], event: Event) -> None:
     for participant in recipients:
-        participant.peer.safe_enqueue(frame)
+        participant.tell(event)
 
 
 class SessionManager:
@@ -156,7 +201,8 @@ class SessionManager:
 
     def __init__(self, store: Store, *, clock: Callable[[], datetime] = _now,
                  defer: Callable[[Callable[[], None]], Any] | None = None, process_id: str | None = None,
-                 owner_grace: float = 0.0, reconnect_grace: float = 30.0, lease_seconds: float = 15.0) -> None:
+                 owner_grace: float = 0.0, reconnect_grace: float = 30.0, lease_seconds: float = 15.0,
+                 token_seconds: float = 60.0, passwords: Passwords | None = None) -> None:
         self._store = store
         self._clock = clock
         self._records = SessionRecords(store, process_id or auto_id(), clock, holds=self._holds)
@@ -167,6 +213,8 @@ class SessionManager:
         self._owner_grace = owner_grace
         self._reconnect_grace = reconnect_grace
         self._lease_seconds = lease_seconds
+        self._token_seconds = token_seconds
+        self._passwords = passwords
         self._stopping = False
         self._deferred: deque[Callable[[], None]] = deque()
         self._defer = defer or self._deferred.append
@@ -175,19 +223,23 @@ class SessionManager:
     def process_id(self) -> str:
         return self._records.process_id
 
+    @property
+    def stopping(self) -> bool:
+        """Whether this process is restarting (it takes no new clients)."""
+        return self._stopping
+
     def run_pending(self) -> None:
         """Handle the store notifications queued by the default `defer` (the edge defers to its loop)."""
         while self._deferred:
             self._deferred.popleft()()
 
-    # -- admission (before the upgrade) ------------------------------------
+    # -- admission: the seed's API (a socket's upgrade creates or joins) -------------------------
     def _check_running(self) -> None:
         if self._stopping:
             raise Refusal(503, "the service is restarting; connect again")
 
-    def open_session(self, batch_id: str, user_id: str) -> Admission:
-        """Create a session on `batch_id` owned by `user_id` (or resume it), or raise `Refusal`."""
-        self._check_running()
+    def _owned_batch(self, batch_id: str, user_id: str) -> str:
+        """The project of `batch_id`, if `user_id` owns it; else raise `Refusal` (404, 403)."""
         batch = self._store.get(BATCHES, batch_id)
         if batch is None:
             raise Refusal(404, f"batch {batch_id!r} not found")
@@ -197,9 +249,19 @@ class SessionManager:
             raise Refusal(404, f"project of batch {batch_id!r} not found")
         if project.get("userID") != user_id:
             raise Refusal(403, "only the project's owner can create a session")
-        email = self._email(user_id)
+        return project_id
+
+    def open_session(self, batch_id: str, user_id: str) -> Admission:
+        """Create a session on `batch_id` owned by `user_id` (or resume it), or raise `Refusal`."""
+        self._check_running()
+        project_id = self._owned_batch(batch_id, user_id)
+        email = self._records.emails([user_id])[user_id]
+
+        def create() -> SessionState:
+            return self._records.create(batch_id, project_id, user_id, email)
+
         try:
-            return self._admitted(user_id, OWNER, self._records.create(batch_id, project_id, user_id, email))
+            return self._admitted(user_id, OWNER, create())
         except AlreadyExists:
             pass
         resumed = self._records.resume_owner(batch_id, user_id)
@@ -207,8 +269,7 @@ class SessionManager:
             return self._admitted(user_id, OWNER, resumed)
         if self._records.clear_stale_lock(batch_id):
             try:
-                return self._admitted(user_id, OWNER,
-                                      self._records.create(batch_id, project_id, user_id, email))
+                return self._admitted(user_id, OWNER, create())
             except AlreadyExists:
                 pass
         raise Refusal(409, f"a session is already live for batch {batch_id!r}")
@@ -216,7 +277,87 @@ class SessionManager:
     def join_session(self, session_id: str, user_id: str) -> Admission:
         """Add `user_id` to the session's members (or give its place back), or raise `Refusal`."""
         self._check_running()
-        return self._admitted(user_id, MEMBER, self._records.join(session_id, user_id, self._email(user_id)))
+        return self._admitted(user_id, MEMBER, self._records.join(session_id, user_id))
+
+    # -- admission: the web app's API (REST, then a socket with a session token) ----------------
+    def create_session(self, batch_id: str, user_id: str, password: str | None = None,
+                       email: str | None = None) -> SessionState:
+        """Create a session that lives until its owner stops it; nobody is connected yet."""
+        self._check_running()
+        project_id = self._owned_batch(batch_id, user_id)
+        hashed = self._password_hash(password) if password else None
+        if email is None:
+            email = self._records.emails([user_id])[user_id]
+
+        def create() -> SessionState:
+            return self._records.create(batch_id, project_id, user_id, email, persistent=True,
+                                        password_hash=hashed, connected=False)
+
+        try:
+            return create()
+        except AlreadyExists:
+            if self._records.clear_stale_lock(batch_id):
+                try:
+                    return create()
+                except AlreadyExists:
+                    pass
+        raise Refusal(409, "Session already exists for this batch")
+
+    def grant(self, session_id: str, user_id: str, password: str | None = None,
+              email: str | None = None) -> Grant:
+        """A web-app join: the owner gets its role back; a member is checked against the session's password
+        and listed from now on (until its token, and then the reconnect grace, run out unused)."""
+        self._check_running()
+        doc = self._store.get(SESSIONS, session_id)
+        if doc is None:
+            raise Refusal(404, "Session not found")
+        if doc["owner"]["id"] == user_id:
+            return Grant(OWNER, SessionState.of(session_id, doc))
+        hashed = doc.get("password")
+        if isinstance(hashed, str) and hashed:
+            if not password:
+                raise Refusal(400, "Missing password")
+            if not self._password_ok(password, hashed):
+                raise Refusal(403, "Invalid session password")
+        pending = timedelta(seconds=self._token_seconds + self._reconnect_grace)
+        return Grant(MEMBER, self._records.join(session_id, user_id, email, pending=pending))
+
+    def attach(self, session_id: str, user_id: str, role: str, issued_at: datetime) -> Admission:
+        """A web-app socket with a session token issued at `issued_at`: the store is checked again (the
+        session exists, the owner is its owner, a member is listed and was not removed since)."""
+        self._check_running()
+        return self._admitted(user_id, role, self._records.attach(session_id, user_id, role, issued_at))
+
+    def kick(self, session_id: str, caller: str, member_id: str) -> None:
+        """The owner removes a member: it is told (`member_kicked`, then 4001), the others see it leave, and
+        its tokens issued before now open no socket."""
+        self._records.kick(session_id, caller, member_id)
+
+    def stop(self, session_id: str, caller: str) -> None:
+        """The owner ends the session: everyone, on every process, gets `session_closed` (then 4000)."""
+        self._records.stop(session_id, caller)
+
+    def active(self, *, project_id: str | None = None, batch_id: str | None = None,
+               caller: str | None = None) -> list[ActiveSession]:
+        """The live sessions of a batch or a project that `caller` owns or is a member of (all with None)."""
+        found = (self._store.query(SESSIONS, "batchID", batch_id) if batch_id is not None
+                 else self._store.query(SESSIONS, "projectID", project_id))
+        sessions = []
+        for doc in found:
+            owner = doc.data.get("owner", {}).get("id")
+            if caller is not None and caller != owner and all(
+                    m.get("id") != caller for m in doc.data.get("members", [])):
+                continue
+            sessions.append(ActiveSession(doc.id, doc.data, self._records.connected(doc.id, owner)))
+        return sessions
+
+    def _password_hash(self, password: str) -> str:
+        if self._passwords is None:
+            raise Refusal(500, "session passwords are not available")
+        return self._passwords.hash(password)
+
+    def _password_ok(self, password: str, hashed: str) -> bool:
+        return self._passwords is not None and self._passwords.verify(password, hashed)
 
     def _admitted(self, user_id: str, role: str, state: SessionState) -> Admission:
         self._admitting.add(state.connection)
@@ -242,29 +383,30 @@ class SessionManager:
         return participant is not None and not participant.gone and participant.peer.alive()
 
     # -- connected clients ---------------------------------------------------
-    def connect(self, admission: Admission, peer: Peer) -> Participant:
+    def connect(self, admission: Admission, peer: Peer, vocabulary: Vocabulary = protocol.SEED) -> Participant:
         """Register an upgraded client: welcome it and tell the others."""
         state, sid, uid = admission.state, admission.session_id, admission.user_id
         # A participant keeps its admission, not the member list of the moment (O(members) each).
         kept = Admission(uid, admission.role, replace(state, members=()))
-        participant = Participant(kept, peer, ImageWatches(self._listeners, sid, peer.safe_enqueue))
+        participant = Participant(kept, peer, vocabulary)
+        participant.watches = ImageWatches(self._listeners, sid, participant.tell)
         self._admitting.discard(state.connection)
         self._connections[state.connection] = participant
         live = self._live_session(state)
         live.version = max(live.version, state.version)
         if admission.role == OWNER:
             live.owner = participant
-            peer.safe_enqueue(protocol.SESSION_CREATED(sessionID=sid, batchID=state.batch_id, role=OWNER))
+            participant.tell(Event(Kind.SESSION_CREATED, sessionID=sid, batchID=state.batch_id, role=OWNER))
             if live.owner_away:
                 live.owner_away = False
-                _broadcast(live.local_members(), protocol.OWNER_JOINED(sessionID=sid, ownerID=uid))
+                _broadcast(live.local_members(), live.owner_event(Kind.OWNER_JOINED))
         else:
             live.members[uid] = participant
-            peer.safe_enqueue(protocol.SESSION_JOINED(sessionID=sid, role=MEMBER, ownerID=state.owner_id,
-                                                      members=list(state.member_ids)))
+            participant.tell(Event(Kind.SESSION_JOINED, sessionID=sid, role=MEMBER, ownerID=state.owner_id,
+                                   members=list(state.member_ids)))
             if uid not in live.known:
-                live.known.add(uid)
-                _broadcast(live.everyone_but(uid), protocol.MEMBER_JOINED(sessionID=sid, memberID=uid))
+                live.known[uid] = next((m.email for m in state.members if m.id == uid), "")
+                _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_JOINED, uid))
         self.run_pending()
         return participant
 
@@ -273,17 +415,17 @@ class SessionManager:
         try:
             request = protocol.parse_client_frame(data)
         except ProtocolError as e:
-            participant.peer.safe_enqueue(e.frame())
+            participant.tell(e.event())
             return
         if request.type == protocol.PING.type:
-            participant.peer.safe_enqueue(protocol.PONG())
+            participant.tell(Event(Kind.PONG))
         elif request.type == protocol.SET_IMAGE_ID.type:
             try:
                 participant.watches.switch(request.payload["imageID"])
             except StoreError as e:
                 log.warning("watch on image %r failed: %s", request.payload["imageID"], e)
-                participant.peer.safe_enqueue(protocol.ERROR(
-                    code="watch_failed", message="could not watch this image; try again"))
+                participant.tell(Event(Kind.ERROR, code="watch_failed",
+                                       message="could not watch this image; try again"))
         self.run_pending()
 
     def disconnect(self, participant: Participant) -> None:
@@ -300,23 +442,26 @@ class SessionManager:
             del self._connections[connection]
         live = self._live.get(participant.session_id)
         if live is None or not live.remove(participant):
-            return  # the session ended first (its end removed everything), or a newer connection took over
+            return  # the session ended first (its end removed everything), or it was removed (kicked)
         sid, uid = participant.session_id, participant.user_id
         try:
             if self._stopping:
                 return
-            if not participant.is_owner:
-                if self._write(live, lambda: self._records.leave(sid, uid, connection)) is not None:
-                    live.known.discard(uid)
-                    _broadcast(live.everyone_but(uid), protocol.MEMBER_LEFT(sessionID=sid, memberID=uid))
-                return
-            left = self._write(live, lambda: self._records.owner_left(sid, uid, connection, self._owner_grace))
-            if left.ended:
-                if self._live.get(sid) is live:
-                    self._end_here(live)
-            elif left.version is not None:
-                live.owner_away = True
-                _broadcast(live.local_members(), protocol.OWNER_LEFT(sessionID=sid, ownerID=uid))
+            with self._writing(live):
+                if not participant.is_owner:
+                    version = self._records.leave(sid, uid, connection)
+                    if version is not None:  # None: it came back on another connection, or was already out
+                        live.version = max(live.version, version)
+                        _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_LEFT, uid))
+                        live.known.pop(uid, None)
+                    return
+                left = self._records.owner_left(sid, uid, connection, self._owner_grace)
+                if left.version is not None:
+                    live.version = max(live.version, left.version)
+                    live.owner_away = True
+                    _broadcast(live.local_members(), live.owner_event(Kind.OWNER_LEFT))
+            if left.ended and self._live.get(sid) is live:
+                self._end_here(live)
         except StoreError as e:
             log.error("could not record that %r left session %s: %s", uid, sid, e)
         finally:
@@ -365,8 +510,8 @@ class SessionManager:
         live = self._live.get(state.session_id)
         if live is not None:
             return live
-        live = _LiveSession(state.session_id, state.batch_id, state.owner_id, set(state.member_ids),
-                            state.version, state.owner_away)
+        live = _LiveSession(state.session_id, state.batch_id, state.owner_id, state.owner.email,
+                            {m.id: m.email for m in state.members}, state.version, state.owner_away)
         self._live[state.session_id] = live
         try:
             live.listener = self._store.watch_document(
@@ -376,16 +521,13 @@ class SessionManager:
                       state.session_id, e)
         return live
 
-    def _write(self, live: _LiveSession, write: Callable[[], T]) -> T:
-        """Run a store write for `live` (its result: a new version, or holding one); snapshots arriving
-        meanwhile wait for it."""
+    @contextmanager
+    def _writing(self, live: _LiveSession) -> Iterator[None]:
+        """Around a store write for `live` and the events it causes here: snapshots arriving meanwhile
+        wait until both are done, so a change is never announced twice."""
         live.writing += 1
         try:
-            result = write()
-            version = getattr(result, "version", result)
-            if isinstance(version, datetime):
-                live.version = max(live.version, version)
-            return result
+            yield
         finally:
             live.writing -= 1
             if not live.writing:
@@ -404,7 +546,6 @@ class SessionManager:
     def _apply(self, live: _LiveSession, doc: Data | None) -> None:
         if self._live.get(live.session_id) is not live:
             return
-        sid = live.session_id
         if doc is None:
             self._end_here(live)
             return
@@ -413,31 +554,35 @@ class SessionManager:
             if version < live.version:
                 return  # older than what this process wrote or saw
             live.version = version
-        members = {m["id"]: None for m in doc.get("members", [])}  # ordered, constant-time lookups
-        for uid in members:
+        members = {m["id"]: m.get("email", "") for m in doc.get("members", [])}  # ordered, constant-time
+        for uid, email in members.items():
             if uid not in live.known:
-                live.known.add(uid)
-                _broadcast(live.everyone_but(uid), protocol.MEMBER_JOINED(sessionID=sid, memberID=uid))
+                live.known[uid] = email
+                _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_JOINED, uid))
         for uid in [u for u in live.known if u not in members]:
-            live.known.discard(uid)
-            _broadcast(live.everyone_but(uid), protocol.MEMBER_LEFT(sessionID=sid, memberID=uid))
+            kicked = live.members.get(uid)
+            if kicked is not None:  # connected here and no longer listed: the owner removed it
+                self._kick_here(live, kicked)
+            _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_LEFT, uid))
+            del live.known[uid]
         away = doc.get("ownerLeftAt") is not None and live.owner is None
         if away != live.owner_away:
             live.owner_away = away
-            message = protocol.OWNER_LEFT if away else protocol.OWNER_JOINED
-            _broadcast(live.local_members(), message(sessionID=sid, ownerID=live.owner_id))
+            _broadcast(live.local_members(), live.owner_event(Kind.OWNER_LEFT if away else Kind.OWNER_JOINED))
+
+    def _kick_here(self, live: _LiveSession, participant: Participant) -> None:
+        live.remove(participant)
+        participant.watches.stop()
+        participant.tell(Event(Kind.MEMBER_KICKED, sessionID=live.session_id))
+        participant.peer.close(protocol.CLOSE_MEMBER_KICKED, "member removed")
 
     def _end_here(self, live: _LiveSession) -> None:
-        """The session document is gone (ended by another process)."""
+        """The session document is gone (the session ended, here or on another process)."""
         self._unfollow(live)
-        self._close_everyone(live)
-
-    @staticmethod
-    def _close_everyone(live: _LiveSession) -> None:
-        frame = protocol.SESSION_CLOSED(sessionID=live.session_id)
+        event = Event(Kind.SESSION_CLOSED, sessionID=live.session_id)
         for participant in live.local():
             participant.watches.stop()
-            participant.peer.safe_enqueue(frame)
+            participant.tell(event)
             participant.peer.close(protocol.CLOSE_SESSION_CLOSED, "session closed")
 
     def _unfollow(self, live: _LiveSession) -> None:
@@ -450,8 +595,3 @@ class SessionManager:
     def _forget_if_empty(self, live: _LiveSession) -> None:
         if not live.local():
             self._unfollow(live)
-
-    def _email(self, user_id: str) -> str:
-        user = self._store.get(USERS, user_id)
-        email = user.get("email") if user else None
-        return email if isinstance(email, str) else ""

@@ -101,6 +101,11 @@ class Store(ABC):
     def get(self, collection: str, doc_id: str) -> Data | None:
         """The document's fields, or None."""
 
+    def get_many(self, collection: str, doc_ids: list[str]) -> dict[str, Data | None]:
+        """Several documents of one collection, by ID (None for a missing one); one round trip where the
+        store can."""
+        return {doc_id: self.get(collection, doc_id) for doc_id in doc_ids}
+
     @abstractmethod
     def query(self, collection: str, field: str, value: Any) -> list[Document]:
         """Documents whose `field == value`."""

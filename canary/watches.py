@@ -12,12 +12,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .protocol import BOUNDING_BOXES_SNAPSHOT, LABELS_SNAPSHOT, Frame, ServerMessage
+from .protocol import Event, Kind
 from .store import BOUNDING_BOXES, KEYPOINTS, Store, Watch
 
 #: Called with a dict shared by every subscriber of one snapshot, to build each
-#: message once per session rather than once per client.
-Notify = Callable[[dict[str, Frame]], None]
+#: message once per session (and vocabulary) rather than once per client.
+Notify = Callable[[dict[str, Event]], None]
 _Key = tuple[str, str]  # (collection, image ID)
 
 
@@ -83,9 +83,9 @@ class SharedListeners:
         with self._lock:
             listener.ready = True
             subscribers = list(listener.subscribers)
-        frames: dict[str, Frame] = {}
+        events: dict[str, Event] = {}
         for subscription in subscribers:
-            subscription.notify(frames)
+            subscription.notify(events)
 
     def _cancel(self, subscription: Subscription) -> None:
         with self._lock:
@@ -113,10 +113,10 @@ class ImageWatches:
     fails); notifications meant for a replaced image are dropped.
     """
 
-    def __init__(self, listeners: SharedListeners, session_id: str, send: Callable[[Frame], object]) -> None:
+    def __init__(self, listeners: SharedListeners, session_id: str, tell: Callable[[Event], object]) -> None:
         self._listeners = listeners
         self._session_id = session_id
-        self._send = send
+        self._tell = tell
         self._subscriptions: tuple[Subscription, ...] = ()
         self._generation = 0
 
@@ -131,8 +131,8 @@ class ImageWatches:
         generation = self._generation
         started: list[Subscription] = []
         try:
-            for collection, message in ((KEYPOINTS, LABELS_SNAPSHOT), (BOUNDING_BOXES, BOUNDING_BOXES_SNAPSHOT)):
-                started.append(self._listeners.subscribe(collection, image_id, self._notifier(message, generation)))
+            for collection, kind in ((KEYPOINTS, Kind.KEY_POINTS), (BOUNDING_BOXES, Kind.BOUNDING_BOXES)):
+                started.append(self._listeners.subscribe(collection, image_id, self._notifier(kind, generation)))
         except BaseException:
             for subscription in started:
                 subscription.cancel()
@@ -146,11 +146,11 @@ class ImageWatches:
         for subscription in subscriptions:
             subscription.cancel()
 
-    def _notifier(self, message: ServerMessage, generation: int) -> Notify:
-        def notify(frames: dict[str, Frame]) -> None:
+    def _notifier(self, kind: Kind, generation: int) -> Notify:
+        def notify(events: dict[str, Event]) -> None:
             if generation == self._generation:
-                frame = frames.get(self._session_id)
-                if frame is None:  # the first watcher of this session for this snapshot encodes it
-                    frame = frames[self._session_id] = message(sessionID=self._session_id)
-                self._send(frame)
+                event = events.get(self._session_id)
+                if event is None:  # the first watcher of this session for this snapshot makes it
+                    event = events[self._session_id] = Event(kind, sessionID=self._session_id)
+                self._tell(event)
         return notify

@@ -150,11 +150,12 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def request(self, method: str, path: str, body: Any = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        data = json.dumps(body).encode() if body is not None else None
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, *,
+                raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        """`body` is sent as JSON; `raw`, as it is."""
+        data = json.dumps(body).encode() if body is not None else raw
         req = urllib.request.Request(self.http + path, data=data, method=method, headers=headers or {})
-        if data is not None:
+        if data is not None and "Content-Type" not in (headers or {}):
             req.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
@@ -333,7 +334,7 @@ def server(server_factory: Callable[..., Server]) -> Server:
 
 
 class Refused(Exception):
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(self, status: int, body: Any) -> None:
         super().__init__(f"{status} {body}")
         self.status = status
         self.body = body
@@ -353,7 +354,11 @@ class Client:
         try:
             ws = websocket.create_connection(url, timeout=TIMEOUT, **options)
         except websocket.WebSocketBadStatusException as e:
-            raise Refused(e.status_code, json.loads(e.resp_body)) from None
+            try:
+                body = json.loads(e.resp_body)
+            except ValueError:  # the web app's API refuses in text
+                body = e.resp_body.decode()
+            raise Refused(e.status_code, body) from None
         client = cls(ws)
         if welcome:
             client.welcome = client.recv()

@@ -42,8 +42,9 @@ class FakeConnection:
         self.waiting = gevent.event.Event()  # a send is held at the closed gate
         self.fail_with: Exception | None = None
         self.killed = False
+        self.writes = 0  # calls of send (each a write of one or more frames)
 
-    def send(self, data: bytes) -> None:
+    def send(self, *payloads: bytes) -> None:
         if self.fail_with is not None:
             raise self.fail_with
         if not self.gate.is_set():
@@ -53,7 +54,8 @@ class FakeConnection:
         except gevent.GreenletExit:
             self.killed = True
             raise
-        self.log.append(("send", data.decode()))
+        self.log.extend(("send", data.decode()) for data in payloads)
+        self.writes += 1
 
     def close(self, code: int, reason: str) -> None:
         self.log.append(("close", code, reason))
@@ -316,3 +318,15 @@ def test_pings_go_out_and_a_peer_that_stops_answering_is_closed_with_1008(make_c
     wait_until(lambda: conn.closes == [(1008, "ping timeout")], "the close")
     assert conn.count("abort") == 1
     assert client.safe_enqueue(note(1)) is False
+
+
+def test_frames_queued_while_the_writer_waits_go_out_in_one_write(make_client: MakeClient) -> None:
+    client, conn = make_client()
+    first = block(client, conn)
+    frames = [note(i) for i in range(20)]
+    for frame in frames:
+        assert client.safe_enqueue(frame)
+    conn.gate.set()
+    wait_until(lambda: len(conn.sent) == 21, "every frame")
+    assert conn.sent == [first.text, *(f.text for f in frames)]
+    assert conn.writes == 2, "the blocker, then the 20 queued behind it together"

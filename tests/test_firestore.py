@@ -123,8 +123,8 @@ class _Connection:
     def __init__(self) -> None:
         self.sent: list[str] = []
 
-    def send(self, data: bytes) -> None:
-        self.sent.append(data.decode())
+    def send(self, *payloads: bytes) -> None:
+        self.sent.extend(data.decode() for data in payloads)
 
     def close(self, code: int, reason: str) -> None:
         pass

@@ -201,3 +201,44 @@ def test_churn_leaves_the_store_matching_the_connected_clients(start: Callable[.
         client.close()
     host.close()
     wait_for(lambda: b.doc("sessions", sid) is None, what="the session to end")
+
+
+def test_the_web_apps_flow_across_processes(start: Callable[..., Server]) -> None:
+    """Owner on A, members on B: REST calls on either process, kick and stop reach the sockets on the other."""
+    from test_webapp import WebApp, member  # the web app's client, without a JWT secret here
+
+    a, b = start(), start()
+    batch, owner_id = a.batch()
+    owner = WebApp(a, owner_id, secret=None)
+    sid = owner.create(batch)["sessionID"]
+    host = owner.enter(sid)
+    ann, ben = member(b, "ann", secret=None), member(b, "ben", secret=None)
+    ann_ws = ann.enter(sid)  # REST and socket on B
+    assert until(host, "member_joined", ann.user)[-1]["memberEmail"] == f"{ann.user}@example.com"
+    ben_ws = ben.enter(sid)
+    until(host, "member_joined", ben.user)
+    until(ann_ws, "member_joined", ben.user)
+    assert [s["ownerConnected"] for s in WebApp(b, owner_id, secret=None).active(batchID=batch)] == [True]
+
+    # The owner's socket closes on A: B's members are told; it comes back through B.
+    host.close()
+    for client in (ann_ws, ben_ws):
+        assert until(client, "owner_left")[-1]["ownerID"] == owner_id
+    host = WebApp(b, owner_id, secret=None).enter(sid)
+    for client in (ann_ws, ben_ws):
+        until(client, "owner_joined")
+
+    # A kick asked of A reaches the member on B.
+    status, _ = owner.call("DELETE", f"/sessions/{sid}/members/{ann.user}?userID={owner_id}")
+    assert status == 200
+    assert until(ann_ws, "member_kicked")[-1]["sessionID"] == sid
+    assert ann_ws.closed_with(skip=QUIET) == 4001
+    until(host, "member_left", ann.user)
+    until(ben_ws, "member_left", ann.user)
+
+    # A stop asked of A ends the sockets on B.
+    assert owner.call("DELETE", f"/sessions/{sid}?userID={owner_id}")[0] == 204
+    for client in (host, ben_ws):
+        assert [m["type"] for m in until(client, "session_closed")] == ["session_closed"]
+        assert client.closed_with(skip=QUIET) == 4000
+    assert a.doc("sessions", sid) is None

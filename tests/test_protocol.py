@@ -10,13 +10,25 @@ from typing import Any
 import pytest
 
 from canary import protocol
-from canary.protocol import SERVER_MESSAGES, ProtocolError, Request, ServerMessage, parse_client_frame
+from canary.protocol import (
+    SEED,
+    SERVER_MESSAGES,
+    VOCABULARIES,
+    WEBAPP,
+    Event,
+    Kind,
+    ProtocolError,
+    Request,
+    ServerMessage,
+    parse_client_frame,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
-COALESCING = {"labels_snapshot", "bounding_boxes_snapshot"}
+COALESCING = {"labels_snapshot", "key_points_snapshot", "bounding_boxes_snapshot"}
 
-by_type = pytest.mark.parametrize("spec", SERVER_MESSAGES, ids=[s.type for s in SERVER_MESSAGES])
+by_type = pytest.mark.parametrize("spec", SERVER_MESSAGES, ids=[f"{s.type}-{'-'.join(s.fields)}"
+                                                                 for s in SERVER_MESSAGES])
 
 
 def values_for(spec: ServerMessage) -> dict[str, Any]:
@@ -24,9 +36,28 @@ def values_for(spec: ServerMessage) -> dict[str, Any]:
     return {name: f"value-of-{name}" for name in spec.fields}
 
 
-def test_server_message_types_are_unique() -> None:
-    types = [s.type for s in SERVER_MESSAGES]
+@pytest.mark.parametrize("vocabulary", VOCABULARIES, ids=[v.name for v in VOCABULARIES])
+def test_server_message_types_are_unique_within_a_vocabulary(vocabulary: protocol.Vocabulary) -> None:
+    types = [s.type for s in vocabulary.messages.values()]
     assert len(types) == len(set(types))
+
+
+def test_an_event_is_encoded_once_per_vocabulary_each_with_its_fields() -> None:
+    event = Event(Kind.MEMBER_JOINED, sessionID="s", memberID="ann", memberEmail="ann@example.com")
+    seed, webapp = event.frame(SEED), event.frame(WEBAPP)
+    assert event.frame(SEED) is seed
+    assert json.loads(seed.text) == {"type": "member_joined", "sessionID": "s", "memberID": "ann",
+                                     "time": event.values["time"]}
+    assert json.loads(webapp.text) == {"type": "member_joined", "sessionID": "s", "memberID": "ann",
+                                       "memberEmail": "ann@example.com", "time": event.values["time"]}
+    snapshot = Event(Kind.KEY_POINTS, sessionID="s")
+    assert (snapshot.frame(SEED).type, snapshot.frame(WEBAPP).type) == ("labels_snapshot", "key_points_snapshot")
+    assert Event(Kind.SESSION_JOINED, sessionID="s", role="member", ownerID="o", members=[]).frame(WEBAPP) is None
+
+
+@pytest.mark.parametrize("kind", list(Kind), ids=[k.value for k in Kind])
+def test_every_kind_is_told_in_the_seed_vocabulary(kind: Kind) -> None:
+    assert kind in SEED.messages
 
 
 @by_type
@@ -125,7 +156,7 @@ def test_refuses_bad_frames_with_a_code(data: str | bytes, code: str) -> None:
     with pytest.raises(ProtocolError) as caught:
         parse_client_frame(data)
     assert caught.value.code == code
-    body = json.loads(caught.value.frame().text)
+    body = json.loads(caught.value.event().frame(SEED).text)
     assert body == {"type": "error", "code": code, "message": caught.value.message}
     assert body["message"]
 

@@ -12,21 +12,23 @@ import pytest
 from conftest import TIMEOUT, Client, Server, join_url, owner_url
 from flask_sock import Sock
 
-from canary import routes
+from canary import sockets
 from canary.app import create_app
 from canary.config import Config
 from canary.memory_store import MemoryStore
 
 
-def test_both_session_routes_are_flask_socks_wrappers_of_the_one_view() -> None:
+def test_every_session_socket_route_is_a_flask_sock_wrapper_of_the_one_view() -> None:
     app = create_app(Config(), MemoryStore())
     rules = {rule.endpoint: rule for rule in app.url_map.iter_rules()}
     sock_module = Sock.__module__
     for endpoint, path in (("canary.create_session", "/sessions/<batch_id>"),
-                           ("canary.join_session", "/sessions/<session_id>/join")):
+                           ("canary.join_session", "/sessions/<session_id>/join"),
+                           ("webapp.ws_create", "/sessions/<session_id>/ws/create"),
+                           ("webapp.ws_join", "/sessions/<session_id>/ws/join")):
         view = app.view_functions[endpoint]
         assert view.__code__.co_filename.endswith(f"{sock_module}/__init__.py"), view.__code__.co_filename
-        assert view.__wrapped__ is routes._serve
+        assert view.__wrapped__ is sockets.serve
         assert rules[endpoint].rule == path
         assert rules[endpoint].websocket
 

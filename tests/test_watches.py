@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from canary.memory_store import MemoryStore
-from canary.protocol import Frame
+from canary.protocol import SEED, WEBAPP, Event, Kind
 from canary.store import KEYPOINTS
 from canary.watches import ImageWatches, SharedListeners
 
@@ -11,7 +11,7 @@ from canary.watches import ImageWatches, SharedListeners
 def test_one_snapshot_is_encoded_once_per_session() -> None:
     store = MemoryStore()
     listeners = SharedListeners(store)
-    received: dict[str, list[Frame]] = {}
+    received: dict[str, list[Event]] = {}
 
     def watcher(name: str, session: str) -> ImageWatches:
         watches = ImageWatches(listeners, session, received.setdefault(name, []).append)
@@ -25,10 +25,13 @@ def test_one_snapshot_is_encoded_once_per_session() -> None:
 
     store.set(KEYPOINTS, "k1", {"imageID": "img"})
     (a1,), (a2,), (b1,) = received["a1"], received["a2"], received["b1"]
-    assert a1.type == a2.type == b1.type == "labels_snapshot"
-    assert a1 is a2  # same session: the same frame, encoded once
+    assert a1.kind == a2.kind == b1.kind == Kind.KEY_POINTS
+    assert a1 is a2  # same session: the same event, encoded once per vocabulary
+    assert a1.frame(SEED) is a2.frame(SEED)
+    assert a1.frame(SEED).type == "labels_snapshot"
+    assert a1.frame(WEBAPP).type == "key_points_snapshot"
     assert b1 is not a1
-    assert '"sessionID":"s2"' in b1.text
+    assert '"sessionID":"s2"' in b1.frame(SEED).text
 
     for watches in everyone:
         watches.stop()
@@ -42,5 +45,5 @@ def test_a_late_subscriber_is_told_the_data_is_ready() -> None:
     first, second = [], []
     ImageWatches(listeners, "s", first.append).switch("img")
     ImageWatches(listeners, "s", second.append).switch("img")
-    assert [f.type for f in first] == [f.type for f in second] == ["labels_snapshot", "bounding_boxes_snapshot"]
+    assert [e.kind for e in first] == [e.kind for e in second] == [Kind.KEY_POINTS, Kind.BOUNDING_BOXES]
     assert store.watch_count() == 2

@@ -1,0 +1,137 @@
+"""WebSocket routes of both APIs: flask-sock routes, admitted before its handshake, served after it.
+
+flask-sock's `Sock.route` performs the handshake (simple-websocket's `Server`
+sends the 101) before it calls the view, so a view could never refuse with a
+real HTTP status. Each socket route therefore registers an *admission* with
+`socket_route`; the app's `before_request` (`admit`) runs it while the request
+is still plain HTTP (every refusal a real status, rendered by the route's
+blueprint in its API's vocabulary), hands the result to the view through
+`flask.g`, and prepares the environ flask-sock's `Server` is built from
+(websocket.prepare). The view (`serve`) then serves the client until it is
+gone; an admission the view never took (the handshake failed) is undone in
+`teardown_request` (`undo_unserved`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flask import Blueprint, Flask, current_app, g, request
+from flask_sock import Sock
+from simple_websocket import Server
+
+from .auth import Authenticator
+from .clients import Client
+from .config import Config
+from .errors import Refusal
+from .protocol import Event, Frame, Kind, Vocabulary
+from .sessions import Admission, SessionManager
+from .tokens import SessionTokens
+from .websocket import Connection, ConnectionClosed, prepare
+
+log = logging.getLogger(__name__)
+
+#: How long a finished connection may take to complete its close handshake.
+_CLOSE_TIMEOUT_SECONDS = 2.0
+
+#: flask-sock: routes the WebSocket upgrades (its routes are registered on the blueprints).
+sock = Sock()
+
+#: What a socket route's admission does: turn the request (its URL values) into an `Admission`, or raise
+#: `Refusal`.
+Admit = Callable[..., Admission]
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the routes use, built once per process by `create_app`."""
+
+    config: Config
+    sessions: SessionManager
+    auth: Authenticator
+    tokens: SessionTokens
+
+
+def services() -> Services:
+    return current_app.extensions["canary"]
+
+
+@dataclass(frozen=True)
+class _SocketRoute:
+    admit: Admit
+    vocabulary: Vocabulary
+
+
+_routes: dict[str, _SocketRoute] = {}
+
+
+def socket_route(bp: Blueprint, rule: str, *, endpoint: str, vocabulary: Vocabulary) -> Callable[[Admit], Admit]:
+    """Register `admit` as the admission of a flask-sock route of `bp` at `rule`, whose clients speak
+    `vocabulary`; the view is `serve`."""
+    def register(admit: Admit) -> Admit:
+        _routes[f"{bp.name}.{endpoint}"] = _SocketRoute(admit, vocabulary)
+        sock.route(rule, bp=bp, endpoint=endpoint)(serve)
+        return admit
+    return register
+
+
+def install(app: Flask) -> None:
+    """Admit socket requests before any view runs, and undo admissions no view took."""
+    app.before_request(admit)
+    app.teardown_request(undo_unserved)
+
+
+def admit() -> None:
+    """Decide a socket request while it is still plain HTTP: every refusal is a real status."""
+    route = _routes.get(request.endpoint or "")
+    if route is None:
+        return
+    origins = services().config.allowed_origins
+    origin = request.headers.get("Origin")
+    if origins is not None and origin is not None and origin not in origins:
+        raise Refusal(403, f"origin {origin!r} is not allowed")
+    g.admission = route.admit(**(request.view_args or {}))
+    prepare(request.environ)
+
+
+def undo_unserved(_error: BaseException | None) -> None:
+    """An admission whose upgrade failed before the view took it: as if the client left at once."""
+    admission: Admission | None = g.pop("admission", None)
+    if admission is not None:
+        log.info("upgrade failed for %s in session %s", admission.user_id, admission.session_id)
+        services().sessions.abandon(admission)
+
+
+def serve(ws: Server, **_ids: str) -> None:
+    """Serve an admitted client over flask-sock's `ws` until it is gone."""
+    svc = services()
+    config = svc.config
+    admission: Admission = g.pop("admission")
+    vocabulary = _routes[request.endpoint or ""].vocabulary
+    connection = Connection(ws)
+    name = f"{admission.role} {admission.user_id!r} of session {admission.session_id}"
+    role, session_id = admission.role, admission.session_id
+
+    def keepalive() -> Frame:
+        frame = Event(Kind.KEEPALIVE, role=role, sessionID=session_id).frame(vocabulary)
+        assert frame is not None  # every vocabulary has one
+        return frame
+
+    client = Client(connection, name=name, max_bytes=config.client_queue_bytes,
+                    keepalive_seconds=config.keepalive_seconds, keepalive=keepalive,
+                    ping_seconds=config.idle_timeout_seconds / 2, write_timeout=config.idle_timeout_seconds)
+    participant = svc.sessions.connect(admission, client, vocabulary)
+    del admission  # the participant keeps a slim copy: this frame lives as long as the connection
+    log.info("%s connected", name)
+    try:
+        while True:
+            svc.sessions.receive(participant, connection.receive())
+    except ConnectionClosed:
+        pass
+    finally:
+        svc.sessions.disconnect(participant)
+        client.stop(timeout=config.idle_timeout_seconds)
+        connection.finish(timeout=_CLOSE_TIMEOUT_SECONDS)
+        log.info("%s disconnected (close code %s)", name, connection.close_code)

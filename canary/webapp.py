@@ -1,0 +1,191 @@
+"""The web app's API at the edge: its REST session calls and its `/ws/` sockets.
+
+Canary's web app speaks the Go service's later API (docs/protocol.md, "The web
+app's API"): REST creates, joins (handing out a 60-second session token),
+stops, kicks and lists sessions; its sockets open at
+`/sessions/<id>/ws/create` (owner) and `/ws/join` (member) with that token.
+Its REST paths are the seed's too: a plain request is this API's, a request
+with upgrade headers the seed's (routes.py). The session rules are the same
+core (sessions.py); only the vocabulary differs.
+
+A refusal here is `text/plain` with the reason and a newline, as the Go
+service answered: the web app shows that body to its user ("Failed to join
+session: Invalid session password").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Response, request
+from simple_websocket import ConnectionError as HandshakeError
+
+from .auth import bearer_token
+from .errors import Refusal
+from .protocol import WEBAPP
+from .records import MEMBER, OWNER
+from .sessions import Admission
+from .sockets import services, socket_route
+from .store import StoreError
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("webapp", __name__)
+
+
+def text_error(status: int, message: str) -> Response:
+    """A refusal as the web app shows it: the reason, as text."""
+    response = Response(f"{message}\n", status=status, mimetype="text/plain")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@bp.errorhandler(Refusal)
+def _refused(e: Refusal) -> Response:
+    return text_error(e.status, e.message)
+
+
+@bp.errorhandler(StoreError)
+def _store_failed(e: StoreError) -> Response:
+    log.error("store failure: %s", e)
+    return text_error(503, "The session service cannot reach its database; try again")
+
+
+@bp.errorhandler(HandshakeError)
+@bp.errorhandler(OSError)
+def _handshake_failed(e: Exception) -> Response:
+    log.info("WebSocket handshake failed: %r", e)
+    return text_error(400, "Bad Request")
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(body) + "\n", status=status, mimetype="application/json")
+
+
+def _caller() -> tuple[str, dict[str, Any]]:
+    """The `userID` a REST call names and its login token's claims ({} when the service is open)."""
+    user_id = request.args.get("userID", "").strip()
+    if not user_id:
+        raise Refusal(400, "Missing userID query parameter")
+    return user_id, services().auth.check(bearer_token(request.headers.get("Authorization"), None), user_id)
+
+
+def _password() -> str | None:
+    """The optional `{"password": …}` body (none, or empty, is no password)."""
+    if not request.get_data():
+        return None
+    try:
+        body = json.loads(request.get_data())
+    except ValueError:
+        raise Refusal(400, "Invalid request") from None
+    password = body.get("password") if isinstance(body, dict) else None
+    if password is not None and not isinstance(password, str):
+        raise Refusal(400, "Invalid request")
+    return password or None
+
+
+def _email(claims: dict[str, Any]) -> str | None:
+    """The e-mail of the login token, if it has one (else the store's is read)."""
+    email = claims.get("email")
+    return email if isinstance(email, str) else None
+
+
+@bp.post("/sessions/<batch_id>")
+def create_session(batch_id: str) -> Response:
+    user_id, claims = _caller()
+    password = _password()
+    state = services().sessions.create_session(batch_id, user_id, password, _email(claims))
+    return _json({"sessionID": state.session_id, "batchID": state.batch_id, "projectID": state.project_id,
+                  "role": OWNER}, 201)
+
+
+@bp.post("/sessions/<session_id>/join")
+def join_session(session_id: str) -> Response:
+    user_id, claims = _caller()
+    password = _password()
+    svc = services()
+    grant = svc.sessions.grant(session_id, user_id, password, _email(claims))
+    batch_claim = grant.state.batch_id if grant.role == OWNER else ""
+    return _json({"sessionID": session_id, "batchID": grant.state.batch_id, "projectID": grant.state.project_id,
+                  "token": svc.tokens.mint(user_id, session_id, batch_claim), "expiresIn": round(svc.tokens.ttl),
+                  "role": grant.role})
+
+
+@bp.delete("/sessions/<session_id>")
+def stop_session(session_id: str) -> Response:
+    user_id, _ = _caller()
+    services().sessions.stop(session_id, user_id)
+    return Response(status=204)
+
+
+@bp.delete("/sessions/<session_id>/members/<member_id>")
+def kick_member(session_id: str, member_id: str) -> Response:
+    user_id, _ = _caller()
+    services().sessions.kick(session_id, user_id, member_id)
+    return _json({"removed": True})
+
+
+@bp.get("/sessions/active")
+def active_sessions() -> Response:
+    batch_id, project_id = request.args.get("batchID"), request.args.get("projectID")
+    if not batch_id and not project_id:
+        raise Refusal(400, "Provide projectID or batchID")
+    svc = services()
+    claims = svc.auth.identify(bearer_token(request.headers.get("Authorization"), None))
+    # Without a JWT secret (development) the caller is the userID it names, if any: then every session shows.
+    caller = claims["userID"] if claims is not None else (request.args.get("userID") or None)
+    found = svc.sessions.active(batch_id=batch_id or None, project_id=None if batch_id else project_id,
+                                caller=caller)
+    return _json({"sessions": [{
+        "sessionID": s.session_id, "batchID": s.doc.get("batchID", ""), "projectID": s.doc.get("projectID", ""),
+        "owner": {"id": s.doc["owner"]["id"], "email": s.doc["owner"].get("email", "")},
+        "members": [{"id": m["id"], "email": m.get("email", "")} for m in s.doc.get("members", [])],
+        "ownerConnected": s.owner_connected,
+        "lastUpdated": _rfc3339(s.doc.get("lastUpdated")),
+    } for s in found]})
+
+
+def _rfc3339(value: Any) -> str:
+    """A stored timestamp as RFC 3339 UTC with a `Z` (Go's zero time when there is none)."""
+    if not isinstance(value, datetime):
+        return "0001-01-01T00:00:00Z"
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@bp.get("/sessions/<session_id>/ws/create", endpoint="ws_create_plain")
+@bp.get("/sessions/<session_id>/ws/join", endpoint="ws_join_plain")
+def upgrade_required(**_ids: str) -> Response:
+    response = text_error(426, "This endpoint opens a WebSocket")
+    response.headers["Upgrade"] = "websocket"
+    return response
+
+
+def _attach(session_id: str, role: str) -> Admission:
+    """A web-app socket: its session token, its login token, then the store (sessions.attach)."""
+    svc = services()
+    token = request.args.get("token", "")
+    if not token:
+        raise Refusal(401, "missing token")
+    claims = svc.tokens.verify(token, session_id)
+    if svc.auth.enabled:  # the login token (browsers pass it as `auth`) must be the same user's
+        try:
+            svc.auth.check(bearer_token(request.headers.get("Authorization"), request.args.get("auth")),
+                           claims.user_id)
+        except Refusal:
+            raise Refusal(401, "auth failed") from None
+    if role == OWNER and not claims.batch_id:
+        raise Refusal(400, "missing batch id")
+    return svc.sessions.attach(session_id, claims.user_id, role, claims.issued_at)
+
+
+@socket_route(bp, "/sessions/<session_id>/ws/create", endpoint="ws_create", vocabulary=WEBAPP)
+def _admit_owner(session_id: str) -> Admission:
+    return _attach(session_id, OWNER)
+
+
+@socket_route(bp, "/sessions/<session_id>/ws/join", endpoint="ws_join", vocabulary=WEBAPP)
+def _admit_member(session_id: str) -> Admission:
+    return _attach(session_id, MEMBER)
