@@ -38,7 +38,6 @@ def test_a_join_storm_admits_everyone_and_a_leave_storm_empties_the_session(
     assert joined == sorted(users)
     if proxy is not None:
         storm_commits = proxy.calls("Commit") - commits
-        print(f"STORM-COMMITS {storm_commits}")
         assert storm_commits <= STORM // 10, f"{storm_commits} commits for {STORM} joins"
 
     # The owner, reading, hears of every one of them and is not dropped as a slow client.

@@ -405,3 +405,12 @@ def test_a_member_that_never_opens_its_socket_is_removed(server_factory: Callabl
     assert (left["type"], left["memberID"]) == ("member_left", ann.user)
     assert server.doc("sessions", sid)["members"] == []
     owner.call("DELETE", f"/sessions/{sid}?userID={owner.user}")
+
+
+def test_plain_requests_where_neither_api_has_a_meaning(server: Server) -> None:
+    for path in ("/sessions/s/ws/create?token=t", "/sessions/s/ws/join?token=t"):
+        status, headers, body = server.request("GET", path)
+        assert (status, headers["Upgrade"]) == (426, "websocket")
+        assert headers["Content-Type"].startswith("text/plain")
+    status, _, body = server.request("POST", "/sessions/some-batch")  # the web app's create, without userID
+    assert (status, body) == (400, b"Missing userID query parameter\n")
