@@ -68,8 +68,11 @@ def query_documents(collection: str) -> Response:
 
 @bp.get("/stats")
 def stats() -> Response:
-    """Live sessions, participants and watches; with ``?greenlets=1``, live greenlets too."""
+    """Live sessions, participants and watches; with ``?greenlets=1``, live greenlets too; with ``?watch=1``,
+    how the store carries the watches (Firestore: its Listen stream and targets)."""
     body: dict[str, int] = {**services().sessions.stats(), "store_watches": _store().watch_count()}
+    if request.args.get("watch"):
+        body.update(_store().watch_stats())
     if request.args.get("greenlets"):
         body["greenlets"] = sum(1 for o in gc.get_objects()
                                 if isinstance(o, greenlet.greenlet) and not o.dead)

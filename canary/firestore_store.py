@@ -1,10 +1,12 @@
 """The Firestore store, on google-cloud-firestore.
 
 Under gunicorn's gevent worker, `grpc.experimental.gevent.init_gevent()` must
-have run before the client is built (wsgi.py does it). Snapshot callbacks
-arrive on the library's consumer thread: a greenlet when threading is patched,
-a real OS thread when it is not; the session logic hands them to clients with
-the thread-safe `Client.safe_enqueue`.
+have run before the client is built (wsgi.py does it). Every watch of a store
+rides on its one multiplexed Listen stream (`firestore_listen.ListenMux`), so a
+process holds one stream however many images and sessions it watches. Snapshot
+callbacks arrive on the multiplexer's consumer thread: a greenlet when
+threading is patched, a real OS thread when it is not; the session logic hands
+them to clients with the thread-safe `Client.safe_enqueue`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
 from google.cloud import firestore
+from google.cloud.firestore_v1 import _helpers
 from google.cloud.firestore_v1.base_query import FieldFilter
+from google.cloud.firestore_v1.types import Target
+from google.protobuf.message import Message
 
+from .firestore_listen import Listener, ListenMux
 from .store import (
     AlreadyExists,
     Data,
@@ -48,33 +54,45 @@ def _translate(e: Exception) -> StoreError:
     return StoreError(f"{type(e).__name__}: {e}")
 
 
-class _FirestoreWatch(Watch):
-    def __init__(self, store: FirestoreStore, start: Callable[[], Any]) -> None:
-        self._store = store
-        self._lock = threading.Lock()
-        self._stopped = False
-        try:
-            self._watch = start()
-        except gexc.GoogleAPIError as e:
-            raise _translate(e) from e
-        store._opened(self)
+class _FirestoreWatch(Watch, Listener):
+    """One target on the store's Listen stream, delivering to one callback."""
 
-    @property
-    def alive(self) -> bool:
-        """False once the listener has ended by itself (an unrecoverable stream error)."""
-        closed = getattr(self._watch, "_closed", False)
-        return not closed
+    def __init__(self, store: FirestoreStore, label: str, convert: Callable[[list[Message]], Any],
+                 callback: Callable[[Any], None]) -> None:
+        self._store = store
+        self.label = label
+        self._convert = convert
+        self._callback = callback
+        # Held while a delivery runs, so that once `stop` returns no callback runs; reentrant for
+        # a callback that stops its own watch.
+        self._lock = threading.RLock()
+        self._stopped = False
+        self._handle: int | None = None
+
+    def start(self, spec: Message) -> None:
+        with self._lock:
+            self._store._opened(self)
+            try:
+                self._handle = self._store._mux.listen(spec, self)
+            except RuntimeError as e:  # the store is closed
+                self._stopped = True
+                self._store._closed(self)
+                raise StoreError(str(e)) from e
+
+    def deliver(self, documents: list[Message]) -> None:
+        with self._lock:
+            if not self._stopped:
+                self._callback(self._convert(documents))
 
     def stop(self) -> None:
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
+            handle = self._handle
         self._store._closed(self)
-        try:
-            self._watch.unsubscribe()
-        except Exception as e:  # a listener that already died reports its reason here
-            log.debug("listener ended with %r", e)
+        if handle is not None:
+            self._store._mux.unlisten(handle)
 
 
 class _FirestoreTransaction(Transaction):
@@ -89,6 +107,9 @@ class _FirestoreTransaction(Transaction):
     def get(self, collection: str, doc_id: str) -> Data | None:
         snapshot = self._ref(collection, doc_id).get(transaction=self._txn, **self._store._deadline)
         return snapshot.to_dict() if snapshot.exists else None
+
+    def get_many(self, collection: str, doc_ids: list[str]) -> dict[str, Data | None]:
+        return self._store._get_all(collection, doc_ids, self._txn)
 
     def create(self, collection: str, doc_id: str, data: Data) -> None:
         self._txn.create(self._ref(collection, doc_id), data)
@@ -113,6 +134,7 @@ class FirestoreStore(Store):
         retry = gretry.Retry(initial=0.1, maximum=1.0, multiplier=2.0, timeout=timeout,
                              predicate=gretry.if_transient_error)
         self._deadline: dict[str, Any] = {"retry": retry, "timeout": timeout}
+        self._mux = ListenMux.for_client(client)
 
     @classmethod
     def connect(cls, project: str, database: str = "(default)", timeout: float = DEFAULT_TIMEOUT) -> FirestoreStore:
@@ -138,6 +160,23 @@ class FirestoreStore(Store):
         except gexc.GoogleAPIError as e:
             raise _translate(e) from e
         return snapshot.to_dict() if snapshot.exists else None
+
+    def get_many(self, collection: str, doc_ids: list[str]) -> dict[str, Data | None]:
+        try:
+            return self._get_all(collection, doc_ids)
+        except gexc.GoogleAPIError as e:
+            raise _translate(e) from e
+
+    def _get_all(self, collection: str, doc_ids: list[str],
+                 transaction: firestore.Transaction | None = None) -> dict[str, Data | None]:
+        """One BatchGetDocuments call (inside `transaction`, if given) for all of `doc_ids`."""
+        found: dict[str, Data | None] = dict.fromkeys(doc_ids)
+        if doc_ids:
+            refs = [self._ref(collection, doc_id) for doc_id in doc_ids]
+            for snapshot in self._client.get_all(refs, transaction=transaction, **self._deadline):
+                if snapshot.exists:
+                    found[snapshot.id] = snapshot.to_dict()
+        return found
 
     def query(self, collection: str, field: str, value: Any) -> list[Document]:
         try:
@@ -176,18 +215,30 @@ class FirestoreStore(Store):
         except ValueError as e:  # the library's "failed to commit after N attempts"
             raise StoreError(str(e)) from e
 
-    def watch_query(self, collection: str, field: str, value: Any, callback: QueryCallback) -> Watch:
-        def on_snapshot(snapshots: list[Any], _changes: Any, _read_time: Any) -> None:
-            callback([Document(s.id, s.to_dict()) for s in snapshots])
+    def _decode(self, document: Message) -> Document:
+        return Document(document.name.rsplit("/", 1)[-1], _helpers.decode_dict(document.fields, self._client))
 
-        return _FirestoreWatch(self, lambda: self._query(collection, field, value).on_snapshot(on_snapshot))
+    def watch_query(self, collection: str, field: str, value: Any, callback: QueryCallback) -> Watch:
+        query = self._query(collection, field, value)
+        parent, _ = query._parent._parent_info()
+        spec = Target(query=Target.QueryTarget(parent=parent, structured_query=query._to_protobuf()))
+        watch = _FirestoreWatch(self, f"{collection} where {field} == {value!r}",
+                                lambda documents: [self._decode(d) for d in documents], callback)
+        watch.start(Target.pb(spec))
+        return watch
 
     def watch_document(self, collection: str, doc_id: str, callback: DocumentCallback) -> Watch:
-        def on_snapshot(snapshots: list[Any], _changes: Any, _read_time: Any) -> None:
-            # A deleted document arrives as an empty list (or a snapshot that does not exist).
-            callback(snapshots[0].to_dict() if snapshots and snapshots[0].exists else None)
+        spec = Target(documents=Target.DocumentsTarget(documents=[self._ref(collection, doc_id)._document_path]))
+        watch = _FirestoreWatch(self, f"{collection}/{doc_id}",
+                                lambda documents: self._decode(documents[0]).data if documents else None, callback)
+        watch.start(Target.pb(spec))
+        return watch
 
-        return _FirestoreWatch(self, lambda: self._ref(collection, doc_id).on_snapshot(on_snapshot))
+    def watch_stats(self) -> dict[str, int]:
+        """The Listen multiplexer's counters: `streams` (open Listen streams, 0 or 1), `query_targets`,
+        `document_targets`, `stream_reopens`, `target_readds`, `target_failures`, `target_resets`,
+        `callback_errors`."""
+        return self._mux.stats()
 
     def _opened(self, watch: _FirestoreWatch) -> None:
         with self._lock:
@@ -206,4 +257,5 @@ class FirestoreStore(Store):
             watches = list(self._watches)
         for watch in watches:
             watch.stop()
+        self._mux.close()
         self._client.close()

@@ -39,8 +39,9 @@ def _copy(value: Any) -> Any:
 
 class _MemoryWatch(Watch):
     def __init__(self, store: MemoryStore, collection: str, matches: Callable[[str, Data | None], bool],
-                 notify: Callable[[], None]) -> None:
+                 notify: Callable[[], None], kind: str) -> None:
         self._store = store
+        self.kind = kind  # "query" or "document"
         self.collection = collection
         self.matches = matches
         self.notify = notify
@@ -180,12 +181,18 @@ class MemoryStore(Store):
             return data is not None and data.get(field) == value
 
         return self._add_watch(_MemoryWatch(
-            self, collection, matches, lambda: callback(self.query(collection, field, value))))
+            self, collection, matches, lambda: callback(self.query(collection, field, value)), "query"))
 
     def watch_document(self, collection: str, doc_id: str, callback: DocumentCallback) -> Watch:
         return self._add_watch(_MemoryWatch(
-            self, collection, lambda i, _data: i == doc_id, lambda: callback(self.get(collection, doc_id))))
+            self, collection, lambda i, _data: i == doc_id, lambda: callback(self.get(collection, doc_id)),
+            "document"))
 
     def watch_count(self) -> int:
         with self._lock:
             return sum(len(w) for w in self._watches.values())
+
+    def watch_stats(self) -> dict[str, int]:
+        with self._lock:
+            kinds = [w.kind for watches in self._watches.values() for w in watches]
+        return {"streams": 0, "query_targets": kinds.count("query"), "document_targets": kinds.count("document")}

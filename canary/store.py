@@ -141,5 +141,10 @@ class Store(ABC):
     def watch_count(self) -> int:
         """How many watches are open (listeners at the store boundary)."""
 
+    def watch_stats(self) -> dict[str, int]:
+        """How the watches are carried: `streams` (connections to the store's change feed), `query_targets`,
+        `document_targets`, and the store's own counters."""
+        return {"streams": 0, "query_targets": 0, "document_targets": 0}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default holds none."""

@@ -181,8 +181,10 @@ class Server:
         status, _, body = self.request("PUT", f"/dev/documents/{collection}/{doc_id}", data)
         assert status == 204, body
 
-    def stats(self, greenlets: bool = False) -> dict[str, int]:
-        status, _, body = self.request("GET", "/dev/stats" + ("?greenlets=1" if greenlets else ""))
+    def stats(self, greenlets: bool = False, watch: bool = False) -> dict[str, int]:
+        """/dev/stats; with `greenlets`, the live greenlets; with `watch`, the store's streams and targets."""
+        query = "&".join(name for name, wanted in (("greenlets=1", greenlets), ("watch=1", watch)) if wanted)
+        status, _, body = self.request("GET", "/dev/stats" + (f"?{query}" if query else ""))
         assert status == 200, body
         return json.loads(body)
 

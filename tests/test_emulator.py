@@ -404,3 +404,20 @@ def test_ending_the_stream_ends_its_targets_and_the_emulator_lives_on(own: OwnEm
         [("ADD", (1,)), ("DOC", (1,), a), ("DOC", (1,), b), ("CURRENT", (1,))],
         [("ADD", (1,)), ("DOC", (1,), b), ("DOC", (1,), a), ("CURRENT", (1,))])
     assert own.errors() == []
+
+
+def test_a_write_that_does_not_change_a_targets_result_sends_it_nothing(listen: Callable[..., Listen],
+                                                                         emulator: Emulator) -> None:
+    """The package re-sends every query target's result on any write; start.js sends a round only when the
+    target's documents changed, as Firestore does."""
+    client = client_of(emulator)
+    mine, other = unique("image"), unique("image")
+    stream = listen()
+    stream.add(image_query(1, mine))
+    stream.wait(lambda s: ("CURRENT", (1,)) in s, "the first round")
+    keypoint(client, other)  # not this target's: before start.js, a RESET round for target 1 followed
+    path = keypoint(client, mine)
+    changed = ("DOC", (1,), path)
+    at = stream.wait_for_response(changed)
+    after_first = stream.summaries()[stream.summaries().index(("CURRENT", (1,))) + 1:at + 1]
+    assert [s for s in after_first if s[0] != "NO_CHANGE"] == [("RESET", (1,)), changed], after_first

@@ -117,6 +117,14 @@ def test_query_by_field(store: Store, coll: str) -> None:
     assert store.query(f"{coll}-empty", "imageID", "i1") == []
 
 
+def test_get_many_reads_several_documents_at_once(store: Store, coll: str) -> None:
+    store.set(coll, "a", {"n": 1})
+    store.set(coll, "b", {"n": 2})
+    assert store.get_many(coll, ["a", "missing", "b"]) == {"a": {"n": 1}, "missing": None, "b": {"n": 2}}
+    assert store.get_many(coll, []) == {}
+    assert store.transaction(lambda t: t.get_many(coll, ["b", "nope"])) == {"b": {"n": 2}, "nope": None}
+
+
 # -- transactions --------------------------------------------------------------------
 
 def test_transaction_commits_its_writes_and_returns_the_result(store: Store, coll: str) -> None:

@@ -1,0 +1,75 @@
+"""Firestore at production scale, behind Google's front-end limit (the proxy: 100 concurrent streams per
+connection): one process watching 300 distinct images (600 query targets) and 20 sessions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Client, Emulator, Server, connect_at_once, join_url, owner_url, start_server, unique
+from grpc_proxy import Proxy
+
+SESSIONS, MEMBERS = 20, 15  # 300 members, each watching an image of its own
+CHANGED_EVERY = 5  # the images changed: 60 of the 300 (see `quiet_emulator`)
+
+
+@pytest.fixture
+def quiet_emulator(store_kind: str, tmp_path: Path) -> Iterator[Emulator]:
+    """An emulator of this test's own, behind nothing else. The bundled one answers each write by re-running
+    every listener's query over its whole collection (writes x listeners x documents), so on the shared one,
+    full of every other test's documents, 600 listeners make each write take seconds."""
+    if store_kind != "firestore":
+        pytest.skip("the stream limit is Firestore's")
+    emulator = Emulator.start(tmp_path)
+    yield emulator
+    emulator.stop()
+
+
+def test_300_images_and_20_sessions_on_one_stream_behind_the_limit(quiet_emulator: Emulator,
+                                                                   tmp_path: Path) -> None:
+    with Proxy(quiet_emulator.host) as firestore_proxy:
+        server = start_server(tmp_path, quiet_emulator, via=firestore_proxy, MAX_CONNECTIONS_PER_ADDRESS="1000")
+        try:
+            crowd(server, firestore_proxy)
+        finally:
+            server.stop()
+
+
+def crowd(server: Server, firestore_proxy: Proxy) -> None:
+    hosts, members = [], []
+    for s in range(SESSIONS):
+        batch, owner = server.batch()
+        host = Client.connect(owner_url(server, batch, owner))
+        hosts.append(host)
+        joined, refused = connect_at_once([join_url(server, host.welcome["sessionID"], f"crowd-{s}-{m}")
+                                           for m in range(MEMBERS)])
+        assert (len(joined), refused) == (MEMBERS, [])
+        members += [(member, unique("crowd-image")) for member in joined]
+    for member, image in members:
+        member.send({"type": "setImageID", "payload": {"imageID": image}})
+    for member, _ in members:  # every initial snapshot
+        got = {member.recv(skip=("keepalive", "member_joined"))["type"] for _ in range(2)}
+        assert got == {"labels_snapshot", "bounding_boxes_snapshot"}
+    stats = server.stats(watch=True)
+    assert (stats["query_targets"], stats["document_targets"], stats["streams"]) == (600, SESSIONS, 1)
+    assert stats["image_listeners"] == 600
+    assert firestore_proxy.peak_streams("Listen") == 1
+
+    # A change to every fifth image, written as another Canary service would: each of its watchers is told,
+    # and nobody else.
+    changed = members[::CHANGED_EVERY]
+    writes = server.firestore.batch()
+    for _, image in changed:
+        writes.set(server.firestore.collection("keypoints").document(unique("kp")), {"imageID": image})
+    writes.commit()
+    for member, _ in changed:
+        assert member.recv(timeout=60, skip=("keepalive", "member_joined"))["type"] == "labels_snapshot"
+    for member, _ in members:
+        member.roundtrip_after(skip=("member_joined",))
+
+    # The process still answers unary calls and admits clients: nothing queues behind the stream.
+    late = Client.connect(join_url(server, hosts[0].welcome["sessionID"], "late-comer"))
+    assert late.welcome["type"] == "session_joined"
+    for client in (late, *(m for m, _ in members), *hosts):
+        client.close()
