@@ -3,16 +3,22 @@
 The configuration is validated and the JWT secret read here, in the master,
 so a bad setting or an unreadable secret stops start-up with one clear line
 before any worker boots.
+
+gunicorn's own lines (error and access logs) are written by `logger_class`,
+canary.logs.GunicornLogger: secrets redacted, LOG_FORMAT, repeated errors collapsed.
 """
 
 import os
 import sys
 
-from canary import jwt_secret
-from canary.config import Config, ConfigError
+from canary import jwt_secret, logs
+from canary.config import Config, ConfigError, raise_open_files_limit
 
 try:
     _config = Config.from_env()
+    raise_open_files_limit(_config.worker_connections)
+    logs.log_format(os.environ)
+    logs.log_level(os.environ)
     # Read once here, before the fork; workers inherit it as JWT_SECRET (like the Go service).
     _secret = jwt_secret.load(os.environ)
     if _secret is not None:
@@ -32,6 +38,8 @@ graceful_timeout = 25
 # Two instances on one machine must not share ~/.gunicorn/gunicorn.ctl.
 control_socket_disable = True
 accesslog = os.environ.get("ACCESS_LOG") or None
+# Redacts tokens from every line (request URLs carry them), formats LOG_FORMAT, collapses repeats.
+logger_class = logs.GunicornLogger
 
 
 def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn's hook signature
@@ -46,6 +54,9 @@ def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn's hook signatur
     import gevent
 
     from canary.app import shutdown
+
+    # gevent's hub prints accept failures (EMFILE) and crashed greenlets to stderr: log them instead.
+    logs.route_gevent_errors(worker.log)
 
     previous = signal.getsignal(signal.SIGTERM)
 

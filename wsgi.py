@@ -13,14 +13,12 @@ if monkey.is_module_patched("socket"):
 
     grpc.experimental.gevent.init_gevent()
 
+from canary import logs
 from canary.app import create_app
 from canary.config import ConfigError
 from canary.store import StoreError
 
-logging.basicConfig(
-    level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-    format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-)
+logs.configure(os.environ)  # LOG_LEVEL, LOG_FORMAT, tokens redacted
 
 try:
     app = create_app()
