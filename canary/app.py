@@ -8,9 +8,11 @@ from typing import Any
 
 import gevent
 from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import dev, routes, sockets, webapp
 from .auth import Authenticator
+from .budget import InboundLimits
 from .config import Config
 from .memory_store import MemoryStore
 from .passwords import BcryptPasswords
@@ -47,7 +49,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
     store = store or build_store(config)
     app = Flask(__name__)
     app.config["SOCK_SERVER_OPTIONS"] = server_options(max_message_bytes=config.max_message_bytes)
-    auth = Authenticator(config.jwt_secret)
+    auth = Authenticator(config.jwt_secret, max_lifetime=config.max_login_token_seconds)
     if not auth.enabled:
         log.warning("JWT_SECRET is not set: the service is OPEN, any caller can act as any user (session "
                     "tokens are still minted and checked, with a key the processes on this store share)")
@@ -57,7 +59,9 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
                               reconnect_grace=config.reconnect_grace_seconds,
                               lease_seconds=config.process_lease_seconds,
                               token_seconds=config.session_token_seconds,
-                              passwords=BcryptPasswords(offload=lambda fn, *args: threadpool.apply(fn, args)))
+                              passwords=BcryptPasswords(offload=lambda fn, *args: threadpool.apply(fn, args)),
+                              inbound=InboundLimits(config.inbound_frames_per_second, config.set_image_id_per_second),
+                              max_clients=config.client_capacity, max_per_user=config.max_connections_per_user)
     sessions.start()
     gevent.spawn(_maintain, sessions, config.process_lease_seconds / 3)
     app.extensions["canary"] = sockets.Services(config, sessions, auth, tokens)
@@ -69,8 +73,17 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
         app.extensions["canary.store"] = store
         app.register_blueprint(dev.bp)
     _install_cors(app, config)
+    app.register_error_handler(HTTPException, _http_error)
     app.wsgi_app = _PostUpgradeAsGet(app.wsgi_app)  # type: ignore[method-assign]
     return app
+
+
+def _http_error(e: HTTPException) -> Response:
+    """Werkzeug's own answers (an unknown path, a method a route does not take) in the API's JSON shape."""
+    response = routes.error(e.code or 500, e.description or e.name)
+    if isinstance(e, MethodNotAllowed) and e.valid_methods:
+        response.headers["Allow"] = ", ".join(e.valid_methods)
+    return response
 
 
 class _PostUpgradeAsGet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jwt
@@ -15,8 +16,9 @@ class Authenticator:
     With no secret the service runs open: every request is let through.
     """
 
-    def __init__(self, secret: str | None) -> None:
+    def __init__(self, secret: str | None, max_lifetime: float = 31 * 24 * 3600.0) -> None:
         self._secret = secret
+        self._max_lifetime = max_lifetime
 
     @property
     def enabled(self) -> bool:
@@ -34,6 +36,10 @@ class Authenticator:
             raise Refusal(401, "the login token has expired") from None
         except jwt.InvalidTokenError:
             raise Refusal(401, "the login token is invalid") from None
+        exp = claims["exp"]
+        # PyJWT accepts a numeric string; a token that never really expires is no login either.
+        if not isinstance(exp, int | float) or isinstance(exp, bool) or exp - time.time() > self._max_lifetime:
+            raise Refusal(401, "the login token's expiry is not a time within the allowed lifetime")
         if not isinstance(claims["userID"], str):
             raise Refusal(401, "the login token is invalid")
         return claims

@@ -130,7 +130,8 @@ class Client:
             if not already_queued:
                 self._queue.put(frame.type)
             return True
-        if self._queued_bytes + len(frame.data) > self._max_bytes:
+        # A message bigger than the bound on its own still goes out, once nothing else waits.
+        if self._queued_bytes and self._queued_bytes + len(frame.data) > self._max_bytes:
             log.warning("closing %s with %d: %d bytes queued, it is not reading",
                         self.name, CLOSE_TRY_AGAIN_LATER, self._queued_bytes)
             self._close(CLOSE_TRY_AGAIN_LATER, "client too slow", flush=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,16 @@ class Config:
     reconnect_grace_seconds: float = 30.0
     process_lease_seconds: float = 15.0
     session_token_seconds: float = 60.0
+    #: A login token valid for longer than this is refused (Canary's are issued for 30 days).
+    max_login_token_seconds: float = 31 * 24 * 3600.0
+    inbound_frames_per_second: float = 50.0
+    set_image_id_per_second: float = 10.0
+    #: WebSocket clients one worker takes before it answers 503 (None: `worker_connections` less a reserve).
+    max_clients: int | None = None
+    max_connections_per_user: int = 16
+    max_connections_per_address: int = 256
+    #: How many proxies in front of the service append to X-Forwarded-For (Heroku's router: 1).
+    trusted_proxies: int = 0
     cors_allow_origin: str = "*"
     cors_allow_methods: str = "GET, POST, DELETE, OPTIONS"
     cors_allow_headers: str = "Authorization, Content-Type, X-Session-Id"
@@ -75,6 +86,14 @@ class Config:
             reconnect_grace_seconds=reader.number("RECONNECT_GRACE_SECONDS", cls.reconnect_grace_seconds),
             process_lease_seconds=reader.number("PROCESS_LEASE_SECONDS", cls.process_lease_seconds),
             session_token_seconds=reader.number("SESSION_TOKEN_SECONDS", cls.session_token_seconds),
+            max_login_token_seconds=reader.number("MAX_LOGIN_TOKEN_SECONDS", cls.max_login_token_seconds),
+            inbound_frames_per_second=reader.number("INBOUND_FRAMES_PER_SECOND", cls.inbound_frames_per_second),
+            set_image_id_per_second=reader.number("SET_IMAGE_ID_PER_SECOND", cls.set_image_id_per_second),
+            max_clients=reader.integer("MAX_CLIENTS", 0, low=1) or None,
+            max_connections_per_user=reader.integer("MAX_CONNECTIONS_PER_USER", cls.max_connections_per_user, low=1),
+            max_connections_per_address=reader.integer("MAX_CONNECTIONS_PER_ADDRESS",
+                                                       cls.max_connections_per_address, low=1),
+            trusted_proxies=reader.integer("TRUSTED_PROXIES", cls.trusted_proxies, low=0),
             cors_allow_origin=env.get("CORS_ALLOW_ORIGIN") or cls.cors_allow_origin,
             cors_allow_methods=env.get("CORS_ALLOW_METHODS") or cls.cors_allow_methods,
             cors_allow_headers=env.get("CORS_ALLOW_HEADERS") or cls.cors_allow_headers,
@@ -95,6 +114,9 @@ class Config:
         if config.seed and config.store == "firestore" and not config.firestore_emulator_host:
             raise ConfigError("CANARY_SEED writes documents at start: allowed with the memory store "
                               "or a Firestore emulator (FIRESTORE_EMULATOR_HOST), never a real project")
+        if config.max_clients is not None and config.max_clients > config.worker_connections:
+            raise ConfigError(f"MAX_CLIENTS={config.max_clients} must not exceed WORKER_CONNECTIONS="
+                              f"{config.worker_connections} (the worker could then not answer /health)")
         if config.keepalive_seconds >= ROUTER_IDLE_CUT_SECONDS:
             raise ConfigError(
                 f"KEEPALIVE_SECONDS={config.keepalive_seconds:g} must be below "
@@ -104,9 +126,38 @@ class Config:
 
 
     @property
+    def client_capacity(self) -> int:
+        """WebSocket clients one worker takes: `MAX_CLIENTS`, or `WORKER_CONNECTIONS` less a reserve that keeps
+        the worker answering /health, REST calls and quick 503s when it is full."""
+        if self.max_clients is not None:
+            return self.max_clients
+        return max(1, self.worker_connections - max(16, self.worker_connections // 20))
+
+    @property
     def firestore_project(self) -> str:
         """The Firestore project: GCP_PROJECT_ID, or a demo project on an emulator."""
         return self.gcp_project_id or "demo-canary"
+
+
+#: Files a worker needs besides its clients' sockets (listening socket, gRPC, logs, the store's channel, ...).
+FILES_BESIDES_CLIENTS = 64
+
+
+def raise_open_files_limit(worker_connections: int) -> int:
+    """Raise this process's soft open-files limit to its hard limit (the workers inherit it), and refuse
+    (`ConfigError`) when it still cannot hold `worker_connections` sockets; the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    needed = worker_connections + FILES_BESIDES_CLIENTS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise ConfigError(f"WORKER_CONNECTIONS={worker_connections} needs {needed} open files per worker, but the "
+                          f"limit is {soft} (raise it, e.g. `ulimit -n {needed}`, or lower WORKER_CONNECTIONS)")
+    return soft
 
 
 def _default_store(env: Mapping[str, str]) -> str:

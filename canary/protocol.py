@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 #: Close codes the service uses besides the standard ones.
 CLOSE_SESSION_CLOSED = 4000
 CLOSE_MEMBER_KICKED = 4001
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_MESSAGE_TOO_BIG = 1009
@@ -291,6 +292,8 @@ def parse_client_frame(data: str | bytes) -> Request:
         message = json.loads(data)
     except ValueError:
         raise ProtocolError("invalid_json", "the frame is not valid JSON") from None
+    except RecursionError:  # the decoder's nesting limit: no message of this protocol nests more than twice
+        raise ProtocolError("invalid_json", "the frame's JSON is nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("invalid_message", "a message must be a JSON object")
     kind = message.get("type")

@@ -119,6 +119,7 @@ class SessionRecords:
         self._holds = holds
         self._writers: dict[str, _Writer] = {}
         self._writers_lock = threading.Lock()
+        self._leased = False  # this process has renewed its lease at least once
         self.commits = 0  # membership transactions committed by this process
         self.changes = 0  # the changes they carried
 
@@ -259,11 +260,25 @@ class SessionRecords:
         self._submit(session_id, _End())
 
     # -- process leases and clean-up -------------------------------------------------
-    def renew_lease(self, seconds: float) -> None:
-        """Say this process is alive for `seconds` more."""
+    def renew_lease(self, seconds: float) -> bool:
+        """Say this process is alive for `seconds` more; True if its lease had run out meanwhile (a stall:
+        other processes may have taken its clients for gone, see `reassert`)."""
         now = self._clock()
-        self._store.set(PROCESSES, self.process_id,
-                        {"leaseUntil": now + timedelta(seconds=seconds), "renewedAt": now})
+
+        def renew(t: Transaction) -> bool:
+            lease = (t.get(PROCESSES, self.process_id) or {}).get("leaseUntil")
+            t.set(PROCESSES, self.process_id, {"leaseUntil": now + timedelta(seconds=seconds), "renewedAt": now})
+            lapsed = self._leased and not (isinstance(lease, datetime) and lease > now)
+            return lapsed
+
+        lapsed = self._store.transaction(renew)
+        self._leased = True
+        return lapsed
+
+    def reassert(self, session_id: str, user_id: str, role: str, connection: str) -> None:
+        """This process still holds that client: undo its being taken for away while this process's lease
+        had run out (unless it came back elsewhere, or was removed meanwhile)."""
+        self._submit(session_id, _Reassert(user_id, role, connection))
 
     def expire_lease(self) -> None:
         """This process is stopping: its clients are away from now on."""
@@ -558,8 +573,10 @@ class _OwnerLeaves(_Change):
         return (self.owner_id,)
 
     def apply(self, batch: _Batch) -> OwnerLeft:
-        if batch.doc is None or not _holds(batch, self.owner_id, self.connection):
-            return OwnerLeft(False, None)
+        if not _holds(batch, self.owner_id, self.connection):
+            return OwnerLeft(False, None)  # it came back on another connection
+        if batch.doc is None:
+            return OwnerLeft(True, None)  # the session is gone already: it is over here too
         persistent = bool(batch.doc.get("persistent"))
         if self.grace_seconds <= 0 and not persistent:
             batch.end()
@@ -571,6 +588,28 @@ class _OwnerLeaves(_Change):
             **batch.records.here(batch.session_id, self.owner_id, OWNER, self.connection),
             "away": True, "awaySince": now, "graceUntil": until})
         return OwnerLeft(False, batch.update(ownerLeftAt=now))
+
+
+@dataclass
+class _Reassert(_Change):
+    user_id: str
+    role: str
+    connection: str
+
+    def users(self, doc: Data | None) -> tuple[str, ...]:
+        return (self.user_id,)
+
+    def apply(self, batch: _Batch) -> None:
+        presence = batch.presence.get(self.user_id)
+        if batch.doc is None or (presence is not None and presence.get("connection") != self.connection):
+            return
+        if self.role == MEMBER and not batch.is_member(self.user_id):
+            return  # removed meanwhile: the session's snapshot tells this process
+        if presence is None or presence.get("away"):
+            batch.set_presence(self.user_id, batch.records.here(batch.session_id, self.user_id, self.role,
+                                                                self.connection))
+        if self.role == OWNER and batch.doc.get("ownerLeftAt") is not None:
+            batch.update(ownerLeftAt=None)
 
 
 @dataclass

@@ -35,7 +35,9 @@ def error(status: int, message: str) -> Response:
 
 @bp.errorhandler(Refusal)
 def _refused(e: Refusal) -> Response:
-    return error(e.status, e.message)
+    response = error(e.status, e.message)
+    response.headers.update(e.headers)
+    return response
 
 
 @bp.errorhandler(StoreError)

@@ -26,7 +26,8 @@ process already wrote or saw (`version`, from `lastUpdated`) are ignored.
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
 from . import protocol
+from .budget import InboundBudget, InboundLimits, Verdict
 from .errors import Refusal
 from .protocol import Event, Frame, Kind, ProtocolError, Vocabulary
 from .records import MEMBER, OWNER, SessionRecords, SessionState
@@ -117,6 +119,7 @@ class Participant:
     admission: Admission
     peer: Peer
     vocabulary: Vocabulary
+    budget: InboundBudget
     watches: ImageWatches = field(init=False)
     gone: bool = False  # its connection ended: it no longer holds the user's place
 
@@ -202,9 +205,16 @@ class SessionManager:
     def __init__(self, store: Store, *, clock: Callable[[], datetime] = _now,
                  defer: Callable[[Callable[[], None]], Any] | None = None, process_id: str | None = None,
                  owner_grace: float = 0.0, reconnect_grace: float = 30.0, lease_seconds: float = 15.0,
-                 token_seconds: float = 60.0, passwords: Passwords | None = None) -> None:
+                 token_seconds: float = 60.0, passwords: Passwords | None = None,
+                 inbound: InboundLimits | None = None, monotonic: Callable[[], float] = time.monotonic,
+                 max_clients: int | None = None, max_per_user: int | None = None) -> None:
         self._store = store
+        self._max_clients = max_clients
+        self._max_per_user = max_per_user
+        self._per_user: Counter[str] = Counter()  # connections admitted or connected, by user
         self._clock = clock
+        self._monotonic = monotonic
+        self._inbound = inbound or InboundLimits()
         self._records = SessionRecords(store, process_id or auto_id(), clock, holds=self._holds)
         self._live: dict[str, _LiveSession] = {}
         self._admitting: set[str] = set()  # connections admitted, not yet connected nor abandoned
@@ -238,6 +248,14 @@ class SessionManager:
         if self._stopping:
             raise Refusal(503, "the service is restarting; connect again")
 
+    def _check_capacity(self, user_id: str) -> None:
+        """Refuse a new connection, before anything is written, when this process or this user has enough."""
+        self._check_running()
+        if self._max_clients is not None and len(self._admitting) + len(self._connections) >= self._max_clients:
+            raise Refusal(503, "this server is full; try again in a moment", headers={"Retry-After": "5"})
+        if self._max_per_user is not None and self._per_user[user_id] >= self._max_per_user:
+            raise Refusal(429, "too many connections of this user are open")
+
     def _owned_batch(self, batch_id: str, user_id: str) -> str:
         """The project of `batch_id`, if `user_id` owns it; else raise `Refusal` (404, 403)."""
         batch = self._store.get(BATCHES, batch_id)
@@ -253,7 +271,7 @@ class SessionManager:
 
     def open_session(self, batch_id: str, user_id: str) -> Admission:
         """Create a session on `batch_id` owned by `user_id` (or resume it), or raise `Refusal`."""
-        self._check_running()
+        self._check_capacity(user_id)
         project_id = self._owned_batch(batch_id, user_id)
         email = self._records.emails([user_id])[user_id]
 
@@ -276,7 +294,7 @@ class SessionManager:
 
     def join_session(self, session_id: str, user_id: str) -> Admission:
         """Add `user_id` to the session's members (or give its place back), or raise `Refusal`."""
-        self._check_running()
+        self._check_capacity(user_id)
         return self._admitted(user_id, MEMBER, self._records.join(session_id, user_id))
 
     # -- admission: the web app's API (REST, then a socket with a session token) ----------------
@@ -325,7 +343,7 @@ class SessionManager:
     def attach(self, session_id: str, user_id: str, role: str, issued_at: datetime) -> Admission:
         """A web-app socket with a session token issued at `issued_at`: the store is checked again (the
         session exists, the owner is its owner, a member is listed and was not removed since)."""
-        self._check_running()
+        self._check_capacity(user_id)
         return self._admitted(user_id, role, self._records.attach(session_id, user_id, role, issued_at))
 
     def kick(self, session_id: str, caller: str, member_id: str) -> None:
@@ -361,12 +379,19 @@ class SessionManager:
 
     def _admitted(self, user_id: str, role: str, state: SessionState) -> Admission:
         self._admitting.add(state.connection)
+        self._per_user[user_id] += 1
         return Admission(user_id, role, state)
+
+    def _released(self, user_id: str) -> None:
+        self._per_user[user_id] -= 1
+        if self._per_user[user_id] <= 0:
+            del self._per_user[user_id]
 
     def abandon(self, admission: Admission) -> None:
         """Undo an admission whose upgrade failed: as if the client left at once."""
         sid, uid = admission.session_id, admission.user_id
         self._admitting.discard(admission.connection)
+        self._released(uid)
         try:
             if admission.role == MEMBER:
                 self._records.leave(sid, uid, admission.connection)
@@ -388,7 +413,7 @@ class SessionManager:
         state, sid, uid = admission.state, admission.session_id, admission.user_id
         # A participant keeps its admission, not the member list of the moment (O(members) each).
         kept = Admission(uid, admission.role, replace(state, members=()))
-        participant = Participant(kept, peer, vocabulary)
+        participant = Participant(kept, peer, vocabulary, InboundBudget(self._inbound, self._monotonic()))
         participant.watches = ImageWatches(self._listeners, sid, participant.tell)
         self._admitting.discard(state.connection)
         self._connections[state.connection] = participant
@@ -411,7 +436,11 @@ class SessionManager:
         return participant
 
     def receive(self, participant: Participant, data: str | bytes) -> None:
-        """Handle one client frame; a bad one is answered with an `error` message."""
+        """Handle one client frame; a bad one is answered with an `error` message, one over the client's
+        inbound budget is refused (and a client that keeps exceeding it is closed with 1008)."""
+        budget, now = participant.budget, self._monotonic()
+        if not self._within(participant, budget.frame(now)):
+            return
         try:
             request = protocol.parse_client_frame(data)
         except ProtocolError as e:
@@ -419,7 +448,7 @@ class SessionManager:
             return
         if request.type == protocol.PING.type:
             participant.tell(Event(Kind.PONG))
-        elif request.type == protocol.SET_IMAGE_ID.type:
+        elif request.type == protocol.SET_IMAGE_ID.type and self._within(participant, budget.set_image(now)):
             try:
                 participant.watches.switch(request.payload["imageID"])
             except StoreError as e:
@@ -428,6 +457,27 @@ class SessionManager:
                                        message="could not watch this image; try again"))
         self.run_pending()
 
+    def ping_allowed(self, participant: Participant) -> bool:
+        """A WebSocket ping from the client: whether to answer it (it counts against the inbound budget)."""
+        verdict = participant.budget.frame(self._monotonic())
+        if verdict is Verdict.CLOSE:
+            self._within(participant, verdict)
+        return verdict is Verdict.ACCEPT
+
+    def _within(self, participant: Participant, verdict: Verdict) -> bool:
+        if verdict is Verdict.ACCEPT:
+            return True
+        if verdict is Verdict.REFUSE_AND_TELL:
+            participant.tell(Event(Kind.ERROR, code="rate_limited",
+                                   message="too many messages: this one and the next ones over the limit are "
+                                           "ignored; slow down"))
+        elif verdict is Verdict.CLOSE and not participant.gone:
+            log.warning("closing %s %r of session %s with 1008: it keeps sending over its limit",
+                        participant.admission.role, participant.user_id, participant.session_id)
+            participant.gone = True
+            participant.peer.close(protocol.CLOSE_POLICY_VIOLATION, "message rate limit exceeded")
+        return False
+
     def disconnect(self, participant: Participant) -> None:
         """A client is gone: stop its watches, update the store, tell the others.
 
@@ -435,11 +485,12 @@ class SessionManager:
         clients are expected back, and other processes clean up after those
         who are not.
         """
-        participant.gone = True
         participant.watches.stop()
         connection = participant.admission.connection
         if self._connections.get(connection) is participant:
             del self._connections[connection]
+            self._released(participant.user_id)
+        participant.gone = True
         live = self._live.get(participant.session_id)
         if live is None or not live.remove(participant):
             return  # the session ended first (its end removed everything), or it was removed (kicked)
@@ -474,10 +525,20 @@ class SessionManager:
         self._records.renew_lease(self._lease_seconds)
 
     def maintain(self) -> None:
-        """Renew this process's lease and clean up after processes that died (call every lease/3)."""
+        """Renew this process's lease and clean up after processes that died (call every lease/3).
+
+        A process that is stopping does neither: its clients are expected elsewhere. One whose lease ran
+        out while it stalled tells the store again that it holds its clients.
+        """
+        if self._stopping:
+            return
         try:
-            if not self._stopping:
-                self._records.renew_lease(self._lease_seconds)
+            if self._records.renew_lease(self._lease_seconds):
+                log.warning("this process's lease ran out (a stall): re-asserting the clients it holds")
+                for live in list(self._live.values()):
+                    for participant in live.local():
+                        self._records.reassert(live.session_id, participant.user_id, participant.admission.role,
+                                               participant.admission.connection)
             self._records.reap(self._owner_grace, self._reconnect_grace)
         except StoreError as e:
             log.error("maintenance pass failed: %s", e)

@@ -15,6 +15,7 @@ gone; an admission the view never took (the handshake failed) is undone in
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,10 +27,11 @@ from .auth import Authenticator
 from .clients import Client
 from .config import Config
 from .errors import Refusal
+from .logs import log_upgrade, peer_address
 from .protocol import Event, Frame, Kind, Vocabulary
 from .sessions import Admission, SessionManager
 from .tokens import SessionTokens
-from .websocket import Connection, ConnectionClosed, prepare
+from .websocket import Connection, check_handshake, prepare
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class _SocketRoute:
 
 
 _routes: dict[str, _SocketRoute] = {}
+#: Sockets admitted or open in this process, by client address (`MAX_CONNECTIONS_PER_ADDRESS`).
+_per_address: Counter[str] = Counter()
 
 
 def socket_route(bp: Blueprint, rule: str, *, endpoint: str, vocabulary: Vocabulary) -> Callable[[Admit], Admit]:
@@ -88,12 +92,25 @@ def admit() -> None:
     route = _routes.get(request.endpoint or "")
     if route is None:
         return
-    origins = services().config.allowed_origins
+    check_handshake(request.environ)
+    config = services().config
+    origins = config.allowed_origins
     origin = request.headers.get("Origin")
     if origins is not None and origin is not None and origin not in origins:
         raise Refusal(403, f"origin {origin!r} is not allowed")
+    address = peer_address(request.environ, config.trusted_proxies)
+    if _per_address[address] >= config.max_connections_per_address:
+        raise Refusal(429, "too many connections from this address")
     g.admission = route.admit(**(request.view_args or {}))
+    g.address = address
+    _per_address[address] += 1
     prepare(request.environ)
+
+
+def _release(address: str) -> None:
+    _per_address[address] -= 1
+    if _per_address[address] <= 0:
+        del _per_address[address]
 
 
 def undo_unserved(_error: BaseException | None) -> None:
@@ -102,6 +119,7 @@ def undo_unserved(_error: BaseException | None) -> None:
     if admission is not None:
         log.info("upgrade failed for %s in session %s", admission.user_id, admission.session_id)
         services().sessions.abandon(admission)
+        _release(g.pop("address"))
 
 
 def serve(ws: Server, **_ids: str) -> None:
@@ -109,6 +127,7 @@ def serve(ws: Server, **_ids: str) -> None:
     svc = services()
     config = svc.config
     admission: Admission = g.pop("admission")
+    address: str = g.pop("address")
     vocabulary = _routes[request.endpoint or ""].vocabulary
     connection = Connection(ws)
     name = f"{admission.role} {admission.user_id!r} of session {admission.session_id}"
@@ -124,14 +143,15 @@ def serve(ws: Server, **_ids: str) -> None:
                     ping_seconds=config.idle_timeout_seconds / 2, write_timeout=config.idle_timeout_seconds)
     participant = svc.sessions.connect(admission, client, vocabulary)
     del admission  # the participant keeps a slim copy: this frame lives as long as the connection
+    log_upgrade(request.environ, 101, request.url_rule.rule if request.url_rule else "-",
+                trusted_proxies=config.trusted_proxies, userID=participant.user_id, role=role, sessionID=session_id)
     log.info("%s connected", name)
     try:
-        while True:
-            svc.sessions.receive(participant, connection.receive())
-    except ConnectionClosed:
-        pass
+        connection.serve(lambda message: svc.sessions.receive(participant, message),
+                         lambda: svc.sessions.ping_allowed(participant))
     finally:
         svc.sessions.disconnect(participant)
         client.stop(timeout=config.idle_timeout_seconds)
         connection.finish(timeout=_CLOSE_TIMEOUT_SECONDS)
+        _release(address)
         log.info("%s disconnected (close code %s)", name, connection.close_code)

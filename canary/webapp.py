@@ -45,7 +45,9 @@ def text_error(status: int, message: str) -> Response:
 
 @bp.errorhandler(Refusal)
 def _refused(e: Refusal) -> Response:
-    return text_error(e.status, e.message)
+    response = text_error(e.status, e.message)
+    response.headers.update(e.headers)
+    return response
 
 
 @bp.errorhandler(StoreError)

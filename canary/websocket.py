@@ -1,10 +1,12 @@
 """WebSockets through flask-sock: what is set up before its handshake, and the connection a view serves.
 
-flask-sock's `Sock.route` (routes.py) performs the handshake, simple-websocket's
+flask-sock's `Sock.route` (sockets.py) performs the handshake, simple-websocket's
 `Server` sending the 101, before it calls the view; so the routes admit a
-client earlier, in the blueprint's `before_request`, and call `prepare` on the
-request once it is admitted. Three things simple-websocket leaves to us are
-fixed there, on the environ its `Server` is built from:
+client earlier, in `before_request`, after `check_handshake` (a handshake
+that cannot succeed is refused before anything is written to the store), and
+call `prepare` on the request once it is admitted. Three things
+simple-websocket leaves to us are fixed there, on the environ its `Server` is
+built from:
 
 * it writes with `socket.send`, which may write part of a frame; every write
   goes through `_Socket.send`, a locked `sendall`, so the writer greenlet,
@@ -16,25 +18,52 @@ fixed there, on the environ its `Server` is built from:
 * it closes the socket at once after a close frame, which can reset the
   connection before the peer read that frame; `_Socket.close` lingers.
 
-The rest is `server_options` (the app's ``SOCK_SERVER_OPTIONS``, which
-flask-sock passes to `Server`) and `Connection`, which serves a client over
-flask-sock's `ws` object.
+The rest goes through the app's ``SOCK_SERVER_OPTIONS``, which flask-sock
+passes to `Server` (`server_options`). Its `thread_class` is `_InlineReader`,
+which starts no thread: instead of simple-websocket's reader greenlet filling
+a buffer that the view then drains, the view's own greenlet reads the socket
+(`Connection.serve`), feeding the `Server`'s wsproto connection. So a client
+holds two greenlets (the view, its writer), not three; a message reaches the
+session without a hand-off; and the reader can do what simple-websocket's
+cannot: count only the pongs that answer this service's pings, refuse a
+ping flood, and yield to the other greenlets every few frames so that no
+single socket can hold the worker.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import gevent
 from simple_websocket import ConnectionClosed, Server
-from wsproto.events import Ping
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError
 
-__all__ = ["Connection", "ConnectionClosed", "is_upgrade", "prepare", "server_options"]
+from .errors import Refusal
+
+__all__ = ["Connection", "ConnectionClosed", "check_handshake", "is_upgrade", "prepare", "server_options"]
 
 _LINGER_SECONDS = 1.0
+#: After this service's close frame, at most this much more is read from a peer that does not stop sending.
+_LINGER_BYTES = 64 * 1024
+#: The kernel's send buffer of a WebSocket. Left to Linux's autotuning it grows to 4 MiB, which a client
+#: that stops reading fills before its queue (CLIENT_QUEUE_BYTES) is even used: 4 MiB of kernel memory per
+#: stalled client, and a slow consumer noticed megabytes late. Notifications are small; this holds
+#: hundreds of them.
+SEND_BUFFER_BYTES = 64 * 1024
+_RECEIVE_BYTES = 4096
+#: The reader yields to the other greenlets after this many frames read without a pause.
+YIELD_EVERY_FRAMES = 8
 
 
 def is_upgrade(environ: dict[str, Any]) -> bool:
@@ -44,14 +73,26 @@ def is_upgrade(environ: dict[str, Any]) -> bool:
             and any(token.strip() == "upgrade" for token in connection.split(",")))
 
 
+def check_handshake(environ: dict[str, Any]) -> None:
+    """Refuse, before anything else happens, a handshake that cannot succeed (RFC 6455 §4.2.1, §4.4)."""
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        raise Refusal(426, "only WebSocket version 13 is supported", headers={"Sec-WebSocket-Version": "13"})
+    try:
+        key = base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 16:
+        raise Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+
+
 def server_options(*, max_message_bytes: int) -> dict[str, Any]:
     """simple-websocket `Server` options, for the app's ``SOCK_SERVER_OPTIONS``.
 
-    No `ping_interval`: simple-websocket would then wait in a selector before
-    every read (a third of the CPU of a ping round trip); each client's writer
-    sends the pings (clients.py).
+    The reader is the view's greenlet (`_InlineReader`, `Connection.serve`),
+    which also enforces `max_message_bytes`. No `ping_interval`: each client's
+    writer sends the pings (clients.py).
     """
-    return {"max_message_size": max_message_bytes}
+    return {"max_message_size": max_message_bytes, "thread_class": _InlineReader, "event_class": _NoEvent}
 
 
 def prepare(environ: dict[str, Any]) -> None:
@@ -59,7 +100,28 @@ def prepare(environ: dict[str, Any]) -> None:
     if "gunicorn.socket" not in environ:
         raise RuntimeError("WebSockets need gunicorn's gevent worker (no gunicorn.socket in environ)")
     environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)  # refuse permessage-deflate
-    environ["gunicorn.socket"] = _Socket(environ["gunicorn.socket"])
+    sock = environ["gunicorn.socket"]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    environ["gunicorn.socket"] = _Socket(sock)
+
+
+class _InlineReader:
+    """simple-websocket's `thread_class` that starts no thread: the view's greenlet reads (`Connection.serve`)."""
+
+    name = "canary inline reader"
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        pass  # simple-websocket's own reader loop (`target`) never runs
+
+    def start(self) -> None:
+        pass
+
+
+class _NoEvent:
+    """simple-websocket's `event_class`: nothing waits on it (there is no reader thread to signal)."""
+
+    def set(self) -> None:
+        pass
 
 
 class _Socket:
@@ -74,6 +136,9 @@ class _Socket:
 
     def recv(self, size: int) -> bytes:
         return self._sock.recv(size)
+
+    def settimeout(self, seconds: float | None) -> None:
+        self._sock.settimeout(seconds)
 
     def send(self, data: bytes) -> int:
         with self._lock:
@@ -101,14 +166,18 @@ class _Socket:
         return not (len(head) == 2 and head[0] == 0x88 and head[1] & 0x80)
 
     def close(self) -> None:
-        """Half-close, read what the peer still sends for a moment, then close."""
+        """Half-close, read what the peer still sends for a moment (not for ever), then close."""
         try:
             self._sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + _LINGER_SECONDS
-            while (left := deadline - time.monotonic()) > 0:
+            read = 0
+            while (left := deadline - time.monotonic()) > 0 and read < _LINGER_BYTES:
                 self._sock.settimeout(left)
-                if not self._sock.recv(4096):
+                data = self._sock.recv(_RECEIVE_BYTES)
+                if not data:
                     break
+                read += len(data)
+                gevent.sleep(0)  # a peer that keeps sending must not hold the worker
         except OSError:
             pass
         self._sock.close()
@@ -124,43 +193,112 @@ def _frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
-class Connection:
-    """One accepted WebSocket: flask-sock's `ws`, on a socket `prepare` set up."""
+class _Wakeup(Exception):
+    """Thrown into a reader blocked in `recv` by `Connection.interrupt`."""
 
-    def __init__(self, ws: Server) -> None:
+
+#: Decides about a WebSocket ping from the peer: True to answer it; False to drop it (it is over budget).
+PingPolicy = Callable[[], bool]
+
+
+class Connection:
+    """One accepted WebSocket: flask-sock's `ws`, on a socket `prepare` set up, read by `serve`."""
+
+    def __init__(self, ws: Server, *, max_message_bytes: int | None = None) -> None:
         if not isinstance(ws.sock, _Socket):
             raise RuntimeError("the request was not prepared for the upgrade (websocket.prepare)")
         self._ws = ws
         self._socket: _Socket = ws.sock
+        self._max_message_bytes = max_message_bytes or ws.max_message_size
         self._interrupted = False
+        self._reader: gevent.Greenlet | None = None
+        self._in_recv = False
+        self._ping_payload = b""
+        self.pong_received = True  # the last ping was answered (or none was sent)
 
     @property
     def close_code(self) -> int:
         """The close code received or sent (1005 while none)."""
         return int(self._ws.close_reason)
 
-    def receive(self) -> str | bytes:
-        """The next message; raises `ConnectionClosed` once the connection is closed or interrupted."""
-        # simple-websocket's own receive() cannot be woken without closing the socket.
-        ws = self._ws
-        while True:
-            if self._interrupted:
-                raise ConnectionClosed(ws.close_reason, ws.close_message)
-            if ws.input_buffer:
-                return ws.input_buffer.pop(0)
-            if not ws.connected:
-                raise ConnectionClosed(ws.close_reason, ws.close_message)
-            ws.event.wait()
-            ws.event.clear()
+    def serve(self, deliver: Callable[[str | bytes], None], ping_allowed: PingPolicy = lambda: True) -> None:
+        """Read the connection in this greenlet, passing each message to `deliver`, until it is closed or
+        interrupted (`finish` then completes the close handshake)."""
+        self._reader = gevent.getcurrent()
+        ws, wsproto = self._ws, self._ws.ws
+        parts: list[str | bytes] = []
+        size = 0
+        since_pause = 0
+        try:
+            while not self._interrupted:
+                try:
+                    self._in_recv = True
+                    data = self._socket.recv(_RECEIVE_BYTES)
+                except _Wakeup:
+                    break
+                finally:
+                    self._in_recv = False
+                if not data:  # the peer's end of the connection, without a close frame
+                    ws.close_reason = CloseReason.ABNORMAL_CLOSURE
+                    ws.connected = False
+                    return
+                wsproto.receive_data(data)
+                for event in wsproto.events():
+                    if isinstance(event, Message):
+                        size += len(event.data)
+                        if self._max_message_bytes and size > self._max_message_bytes:
+                            self._close_from_reader(CloseReason.MESSAGE_TOO_BIG, "Message is too big")
+                            return
+                        parts.append(event.data)
+                        if event.message_finished:
+                            message = parts[0] if len(parts) == 1 else _join(parts, event)
+                            parts, size = [], 0
+                            deliver(message)
+                            if self._interrupted:
+                                return
+                    elif isinstance(event, Ping):
+                        if ping_allowed():
+                            self._socket.send(wsproto.send(event.response()))
+                    elif isinstance(event, Pong):
+                        if event.payload == self._ping_payload:  # only an answer to this service's ping counts
+                            self.pong_received = True
+                    elif isinstance(event, CloseConnection):
+                        ws.close_reason, ws.close_message = event.code, event.reason
+                        if wsproto.state is ConnectionState.REMOTE_CLOSING:
+                            self._socket.send(wsproto.send(event.response()))  # echo the peer's close
+                        elif wsproto.state is ConnectionState.OPEN:  # a protocol error: 1002, 1007, 1009
+                            self._close_from_reader(event.code, event.reason or "")
+                        ws.connected = False
+                        return
+                    since_pause += 1
+                    if since_pause >= YIELD_EVERY_FRAMES:
+                        since_pause = 0
+                        gevent.sleep(0)  # let every other greenlet run: one socket never holds the worker
+        except (OSError, LocalProtocolError):
+            ws.connected = False
+
+    def _close_from_reader(self, code: int, reason: str) -> None:
+        try:
+            self._socket.send(self._ws.ws.send(CloseConnection(code, reason)))
+        except (OSError, LocalProtocolError):
+            pass
+        self._ws.close_reason = code
+        self._ws.connected = False
 
     def alive(self) -> bool:
         """False once the connection is closed or closing, even if the reader has not noticed yet."""
         return not self._interrupted and self._ws.connected and self._socket.peer_open()
 
     def interrupt(self) -> None:
-        """Make `receive` raise `ConnectionClosed` now, whatever is still buffered."""
+        """Make `serve` return now, whatever is still unread (the session is left at once)."""
         self._interrupted = True
-        self._ws.event.set()
+        if self._reader is not None and self._reader is not gevent.getcurrent():
+            gevent.get_hub().loop.run_callback(self._wake)
+
+    def _wake(self) -> None:
+        # Runs in the hub, so the reader is parked: wake it only where it waits for the socket.
+        if self._in_recv and self._reader is not None:
+            self._reader.throw(_Wakeup)
 
     def send(self, *payloads: bytes) -> None:
         """Write text messages (UTF-8 payloads), in one write; raises `ConnectionClosed` or `OSError`.
@@ -174,20 +312,20 @@ class Connection:
         self._socket.send(b"".join(_frame(payload) for payload in payloads))
 
     def ping(self) -> bool:
-        """Send a WebSocket ping; False (and nothing sent) if the previous one got no pong."""
-        ws = self._ws
-        if not ws.pong_received:
+        """Send a WebSocket ping; False (and nothing sent) if the previous one got no answer."""
+        if not self.pong_received:
             return False
-        ws.pong_received = False  # set again by simple-websocket's reader when the pong arrives
-        self._socket.send(ws.ws.send(Ping()))
+        self.pong_received = False  # set again by `serve` when the pong carrying this payload arrives
+        self._ping_payload = os.urandom(8)
+        self._socket.send(self._ws.ws.send(Ping(self._ping_payload)))
         return True
 
     def close(self, code: int, reason: str) -> None:
-        """Send a close frame (if still open) and wake the receiver."""
+        """Send a close frame (if still open) and make `serve` return."""
         try:
             self._ws.close(code, reason)
             self._ws.close_reason = code
-        except (ConnectionClosed, OSError):
+        except (ConnectionClosed, OSError, LocalProtocolError):
             pass
         self.interrupt()
 
@@ -197,14 +335,35 @@ class Connection:
         self.interrupt()
 
     def finish(self, timeout: float) -> None:
-        """Wait for the close handshake to end, cutting the connection if it does not.
+        """Complete the close handshake (read until the peer's close, or `timeout`), then close the socket.
 
-        Once simple-websocket's reader has ended it has closed the socket, so
-        the `ws.close()` that flask-sock calls after the view returns sends
-        nothing (wsproto also refuses a second close frame): the close frame
-        and its code are the ones this service chose.
+        Afterwards the connection is closed, so the `ws.close()` that flask-sock
+        calls after the view returns sends nothing: the close frame and its
+        code are the ones this service chose.
         """
-        self._ws.thread.join(timeout)
-        if self._ws.thread.is_alive():
-            self.abort()
-            self._ws.thread.join(timeout)
+        ws, wsproto = self._ws, self._ws.ws
+        deadline = time.monotonic() + timeout
+        read = 0
+        try:
+            while (wsproto.state is ConnectionState.LOCAL_CLOSING and read < _LINGER_BYTES
+                   and (left := deadline - time.monotonic()) > 0):
+                self._socket.settimeout(left)
+                data = self._socket.recv(_RECEIVE_BYTES)
+                if not data:
+                    break
+                read += len(data)
+                wsproto.receive_data(data)
+                for _event in wsproto.events():  # up to the peer's close (the state is then CLOSED)
+                    pass
+                gevent.sleep(0)  # a peer that keeps sending instead must not hold the worker
+        except (OSError, LocalProtocolError):
+            pass
+        ws.connected = False
+        self._socket.close()
+
+
+def _join(parts: list[str | bytes], last: Message) -> str | bytes:
+    if isinstance(last, TextMessage):
+        return "".join(part for part in parts if isinstance(part, str))
+    assert isinstance(last, BytesMessage)
+    return b"".join(part for part in parts if isinstance(part, bytes | bytearray))

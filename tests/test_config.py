@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -67,6 +69,9 @@ def test_valid_values_are_read() -> None:
         ("IDLE_TIMEOUT_SECONDS", "abc"), ("IDLE_TIMEOUT_SECONDS", "0"), ("IDLE_TIMEOUT_SECONDS", "-2.5"),
         ("MAX_MESSAGE_BYTES", "abc"), ("MAX_MESSAGE_BYTES", "63"), ("MAX_MESSAGE_BYTES", "1e6"),
         ("CLIENT_QUEUE_BYTES", "abc"), ("CLIENT_QUEUE_BYTES", "1023"),
+        ("MAX_CLIENTS", "0"), ("MAX_CONNECTIONS_PER_USER", "0"), ("MAX_CONNECTIONS_PER_ADDRESS", "x"),
+        ("TRUSTED_PROXIES", "-1"), ("INBOUND_FRAMES_PER_SECOND", "0"), ("SET_IMAGE_ID_PER_SECOND", "inf"),
+        ("SESSION_TOKEN_SECONDS", "0"), ("MAX_LOGIN_TOKEN_SECONDS", "-5"),
         ("WORKER_CONNECTIONS", "abc"), ("WORKER_CONNECTIONS", "0"),
     ],
 )
@@ -142,6 +147,13 @@ def test_allowed_origins(value: str, expected: frozenset[str] | None) -> None:
     assert Config.from_env({"CORS_ALLOW_ORIGIN": value}).allowed_origins == expected
 
 
+def test_client_capacity_keeps_a_reserve_below_worker_connections() -> None:
+    assert Config.from_env({"WORKER_CONNECTIONS": "10000"}).client_capacity == 9500
+    assert Config.from_env({"WORKER_CONNECTIONS": "100"}).client_capacity == 84
+    assert Config.from_env({"WORKER_CONNECTIONS": "100", "MAX_CLIENTS": "100"}).client_capacity == 100
+    refused({"WORKER_CONNECTIONS": "100", "MAX_CLIENTS": "101"}, "MAX_CLIENTS")
+
+
 # -- gunicorn start-up ------------------------------------------------------------------
 
 def free_port() -> int:
@@ -156,6 +168,19 @@ def free_port() -> int:
     ids=["bad-port", "missing-seed"],
 )
 def test_gunicorn_stops_with_one_clear_line(variable: str, env: dict[str, str]) -> None:
+    _stops_with_one_clear_line(variable, env)
+
+
+def test_gunicorn_stops_when_the_open_files_limit_cannot_hold_worker_connections() -> None:
+    """The soft limit is raised to the hard one first; a hard limit of 512 cannot hold 1,000 sockets."""
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))
+    output = _stops_with_one_clear_line("WORKER_CONNECTIONS", {"WORKER_CONNECTIONS": "1000"}, low_limit)
+    assert "the limit is 512" in output
+
+
+def _stops_with_one_clear_line(variable: str, env: dict[str, str],
+                               preexec: Callable[[], None] | None = None) -> str:
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("CANARY_", "JWT_", "CORS_", "GCP_", "FIRESTORE_", "GOOGLE_")) and k != "PORT"}
     full_env.update({"PORT": str(free_port()), "WEB_CONCURRENCY": "1", **env})
@@ -163,6 +188,7 @@ def test_gunicorn_stops_with_one_clear_line(variable: str, env: dict[str, str]) 
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
         cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30,
+        preexec_fn=preexec,
     )
     output = result.stdout
     assert result.returncode != 0, output
@@ -171,6 +197,7 @@ def test_gunicorn_stops_with_one_clear_line(variable: str, env: dict[str, str]) 
     assert len(lines) == 1, output
     assert lines[0].startswith("canary: configuration error:"), output
     assert "Traceback" not in output
+    return output
 
 
 # -- canary.auth ----------------------------------------------------------------------------

@@ -271,3 +271,30 @@ def test_stale_snapshots_do_not_replay_events(world: World) -> None:
     live = world.a._live[sid]
     world.a._on_snapshot(live, stale)
     assert owner_peer.take() == []
+
+
+def test_a_process_whose_lease_ran_out_while_it_stalled_keeps_its_clients() -> None:
+    world = World(owner_grace=OWNER_GRACE)
+    owner, _ = world.create(world.a)
+    sid = owner.session_id
+    world.join(world.a, sid, "m1")
+    _, m2_peer = world.join(world.b, sid, "m2")
+    m2_peer.take()
+
+    world.clock.advance(LEASE + 1)  # A stalls: no renewal; B takes A's clients for gone
+    world.b.maintain()
+    world.settle()
+    assert m2_peer.take() == [("owner_left", "owner")]
+    assert world.store.get(SESSION_PRESENCE, presence_id(sid, "m1"))["away"] is True
+
+    world.a.maintain()  # A wakes up: its lease had run out, it says again that it holds them
+    world.settle()
+    assert m2_peer.take() == [("owner_joined", "owner")]
+    assert world.store.get(SESSION_PRESENCE, presence_id(sid, "m1"))["away"] is False
+    world.clock.advance(max(OWNER_GRACE, RECONNECT_GRACE) + 1)
+    world.a.maintain()
+    world.b.maintain()
+    world.settle()
+    assert world.members(sid) == ["m1", "m2"]
+    assert world.store.get(SESSIONS, sid) is not None
+    assert m2_peer.take() == []

@@ -16,10 +16,11 @@ STORM = 500
 @pytest.fixture
 def storm_server(store_kind: str, request: pytest.FixtureRequest) -> tuple[Server, Proxy | None]:
     """A server of its own (WORKER_CONNECTIONS above the storm); on Firestore, behind the counting proxy."""
+    settings = {"MAX_CONNECTIONS_PER_ADDRESS": str(2 * STORM)}  # every client of the storm is on 127.0.0.1
     if store_kind == "memory":
-        return request.getfixturevalue("server_factory")(), None
+        return request.getfixturevalue("server_factory")(**settings), None
     factory: Callable[..., Server] = request.getfixturevalue("proxied_server_factory")
-    return factory(), request.getfixturevalue("firestore_proxy")
+    return factory(**settings), request.getfixturevalue("firestore_proxy")
 
 
 def test_a_join_storm_admits_everyone_and_a_leave_storm_empties_the_session(
