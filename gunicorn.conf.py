@@ -8,8 +8,11 @@ gunicorn's own lines (error and access logs) are written by `logger_class`,
 canary.logs.GunicornLogger: secrets redacted, LOG_FORMAT, repeated errors collapsed.
 """
 
+import glob
 import os
+import shutil
 import sys
+import tempfile
 
 from canary import jwt_secret, logs
 from canary.config import Config, ConfigError, raise_open_files_limit
@@ -27,6 +30,18 @@ except ConfigError as e:
     sys.stderr.write(f"canary: configuration error: {e}\n")
     sys.exit(2)
 
+# Metrics from every worker, summed (canary.metrics, prometheus_client's multiprocess mode): set up
+# here, in the master, before any worker imports prometheus_client.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+_own_metrics_dir = not _metrics_dir
+if _own_metrics_dir:
+    _metrics_dir = tempfile.mkdtemp(prefix="canary-metrics-")
+else:
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for _stale in glob.glob(os.path.join(_metrics_dir, "*.db")):  # a previous run's: not this one's counts
+        os.remove(_stale)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
 worker_class = "gevent"
 bind = f"0.0.0.0:{_config.port}"
 workers = _config.web_concurrency
@@ -40,6 +55,18 @@ control_socket_disable = True
 accesslog = os.environ.get("ACCESS_LOG") or None
 # Redacts tokens from every line (request URLs carry them), formats LOG_FORMAT, collapses repeats.
 logger_class = logs.GunicornLogger
+
+
+def child_exit(server, worker):  # noqa: ANN001, ANN201 - gunicorn's hook signature
+    """A worker is gone: its gauges no longer count (its counters and histograms still do)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):  # noqa: ANN001, ANN201 - gunicorn's hook signature
+    if _own_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
 
 
 def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn's hook signature

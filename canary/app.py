@@ -10,7 +10,7 @@ import gevent
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import dev, routes, sockets, webapp
+from . import dev, metrics, routes, sockets, webapp
 from .auth import Authenticator
 from .budget import InboundLimits
 from .config import Config
@@ -61,12 +61,16 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
                               token_seconds=config.session_token_seconds,
                               passwords=BcryptPasswords(offload=lambda fn, *args: threadpool.apply(fn, args)),
                               inbound=InboundLimits(config.inbound_frames_per_second, config.set_image_id_per_second),
-                              max_clients=config.client_capacity, max_per_user=config.max_connections_per_user)
+                              max_clients=config.client_capacity, max_per_user=config.max_connections_per_user,
+                              on_commit=metrics.commit)
     sessions.start()
     gevent.spawn(_maintain, sessions, config.process_lease_seconds / 3)
-    app.extensions["canary"] = sockets.Services(config, sessions, auth, tokens)
+    gevent.spawn(_refresh_metrics, sessions, store)
+    app.extensions["canary"] = sockets.Services(config, sessions, auth, tokens, store)
+    app.config["METRICS_TOKEN"] = config.metrics_token
     app.register_blueprint(routes.bp)
     app.register_blueprint(webapp.bp)
+    app.register_blueprint(metrics.bp)
     sockets.install(app)
     if config.dev_api:
         log.warning("CANARY_DEV_API is on: /dev/ lets anyone read and write the store")
@@ -115,6 +119,19 @@ def _hub_deferral() -> Callable[[Callable[[], None]], None]:
         loop.run_callback_threadsafe(gevent.spawn, fn)
 
     return defer
+
+
+def _refresh_metrics(sessions: SessionManager, store: Store) -> None:
+    while True:
+        try:
+            metrics.refresh(sessions, store)
+        except Exception:  # a metric must never end the refresher
+            log.exception("metrics refresh failed")
+        gevent.sleep(METRICS_REFRESH_SECONDS)
+
+
+#: How often each process publishes its gauges (clients, sessions, targets, streams, lease).
+METRICS_REFRESH_SECONDS = 1.0
 
 
 def _maintain(sessions: SessionManager, interval: float) -> None:

@@ -18,6 +18,7 @@ import gevent
 import gevent.queue
 from gevent.monkey import get_original
 
+from . import metrics
 from .protocol import CLOSE_TRY_AGAIN_LATER, Frame
 from .websocket import Connection, ConnectionClosed
 
@@ -176,14 +177,15 @@ class Client:
             self._tick_queued = True
             self._queue.put(_TICK)
 
-    def _write(self, *payloads: bytes) -> None:
-        if not payloads:
+    def _write(self, frames: list[Frame]) -> None:
+        if not frames:
             return
         self._writing_since = time.monotonic()
         try:
-            self._connection.send(*payloads)
+            self._connection.send(*(frame.data for frame in frames))
         finally:
             self._writing_since = 0.0
+        metrics.sent(frames)
 
     def _timers(self) -> bool:
         """Send the keepalive and the ping that are due; False if the peer is gone."""
@@ -199,7 +201,7 @@ class Client:
                 return False
             self._next_ping = now + (self._ping_seconds or 0)
         if now >= self._next_beat:
-            self._write(self._keepalive().data)
+            self._write([self._keepalive()])
             self._next_beat = now + self._keepalive_seconds
         return True
 
@@ -208,28 +210,28 @@ class Client:
             while True:
                 # Everything queued when the writer wakes goes out in one write (one system call).
                 item = self._queue.get()
-                payloads: list[bytes] = []
+                frames: list[Frame] = []
                 while True:
                     if item is _TICK:
-                        self._write(*payloads)
-                        payloads = []
+                        self._write(frames)
+                        frames = []
                         if not self._timers():
                             return
                     elif isinstance(item, _Close):
-                        self._write(*payloads)
+                        self._write(frames)
                         self._connection.close(item.code, item.reason)
                         return
                     elif self._closing is not None and not self._closing.flush:
                         pass  # skip to the close: the client is not reading
                     elif isinstance(item, str):
-                        payloads.append(self._pending.pop(item).data)
+                        frames.append(self._pending.pop(item))
                     else:
                         self._queued_bytes -= len(item.data)  # type: ignore[union-attr]
-                        payloads.append(item.data)  # type: ignore[union-attr]
-                    if self._queue.empty() or len(payloads) >= _MAX_FRAMES_PER_WRITE:
+                        frames.append(item)  # type: ignore[arg-type]
+                    if self._queue.empty() or len(frames) >= _MAX_FRAMES_PER_WRITE:
                         break
                     item = self._queue.get_nowait()
-                self._write(*payloads)
+                self._write(frames)
         except (ConnectionClosed, OSError) as e:
             # The peer is gone, or stopped reading for longer than the write timeout.
             log.debug("writer of %s ends: %r", self.name, e)

@@ -50,6 +50,8 @@ class Config:
     max_connections_per_address: int = 256
     #: How many proxies in front of the service append to X-Forwarded-For (Heroku's router: 1).
     trusted_proxies: int = 0
+    metrics_token: str | None = None
+    ready_timeout_seconds: float = 2.0
     cors_allow_origin: str = "*"
     cors_allow_methods: str = "GET, POST, DELETE, OPTIONS"
     cors_allow_headers: str = "Authorization, Content-Type, X-Session-Id"
@@ -94,6 +96,8 @@ class Config:
             max_connections_per_address=reader.integer("MAX_CONNECTIONS_PER_ADDRESS",
                                                        cls.max_connections_per_address, low=1),
             trusted_proxies=reader.integer("TRUSTED_PROXIES", cls.trusted_proxies, low=0),
+            metrics_token=env.get("METRICS_TOKEN", "").strip() or None,
+            ready_timeout_seconds=reader.number("READY_TIMEOUT_SECONDS", cls.ready_timeout_seconds),
             cors_allow_origin=env.get("CORS_ALLOW_ORIGIN") or cls.cors_allow_origin,
             cors_allow_methods=env.get("CORS_ALLOW_METHODS") or cls.cors_allow_methods,
             cors_allow_headers=env.get("CORS_ALLOW_HEADERS") or cls.cors_allow_headers,

@@ -11,6 +11,7 @@ them to clients with the thread-safe `Client.safe_enqueue`.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable
@@ -46,11 +47,16 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 
 
+#: Failed Firestore calls of this process, by the client library's exception (for metrics).
+_failures: collections.Counter[str] = collections.Counter()
+
+
 def _translate(e: Exception) -> StoreError:
     if isinstance(e, gexc.AlreadyExists | gexc.Conflict):
-        return AlreadyExists(str(e))
+        return AlreadyExists(str(e))  # a precondition that decided something, not a failure
     if isinstance(e, gexc.NotFound):
         return NotFound(str(e))
+    _failures[type(e).__name__] += 1
     return StoreError(f"{type(e).__name__}: {e}")
 
 
@@ -147,6 +153,17 @@ class FirestoreStore(Store):
             self._ref("sessions", "-canary-health-").get(**self._deadline)
         except Exception as e:
             raise StoreError(f"Firestore did not answer: {_translate(e)}") from e
+
+    def ready(self, timeout: float) -> bool:
+        try:
+            self._ref("sessions", "-canary-health-").get(retry=None, timeout=timeout)
+        except Exception as e:
+            _translate(e)
+            return False
+        return True
+
+    def error_counts(self) -> dict[str, int]:
+        return dict(_failures)
 
     def _ref(self, collection: str, doc_id: str) -> firestore.DocumentReference:
         return self._client.collection(collection).document(doc_id)

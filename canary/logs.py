@@ -31,6 +31,7 @@ library, and at the cost of one more production dependency.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -243,6 +244,14 @@ def peer_address(environ: Mapping[str, Any], trusted_proxies: int = 0) -> str:
         if len(hops) >= trusted_proxies:
             return hops[-trusted_proxies]
     return str(environ.get("REMOTE_ADDR") or "-")
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether `address` (as `peer_address` gives it) is on this machine."""
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def log_upgrade(environ: Mapping[str, Any], status: int, route: str, *, trusted_proxies: int = 0,

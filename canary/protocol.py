@@ -11,6 +11,7 @@ two identical.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -37,6 +38,7 @@ class Frame(NamedTuple):
     text: str
     coalesce: bool
     data: bytes  # `text` in UTF-8: what goes on the wire
+    born: float = 0.0  # a notification's: when the store change was seen (time.monotonic), for its latency
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,14 @@ class Event:
     defaults to now, once for all of them.
     """
 
-    __slots__ = ("_frames", "kind", "values")
+    __slots__ = ("_frames", "born", "kind", "values")
 
     def __init__(self, kind: Kind, **values: Any) -> None:
         if "time" not in values:
             values["time"] = utc_now()
         self.kind = kind
         self.values = values
+        self.born = time.monotonic()
         self._frames: dict[str, Frame | None] = {}
 
     def frame(self, vocabulary: Vocabulary) -> Frame | None:
@@ -120,6 +123,8 @@ class Event:
             pass
         message = vocabulary.messages.get(self.kind)
         frame = None if message is None else message(**{name: self.values[name] for name in message.fields})
+        if frame is not None and frame.coalesce:  # a notification: its latency is measured when it is written
+            frame = frame._replace(born=self.born)
         self._frames[vocabulary.name] = frame
         return frame
 

@@ -112,8 +112,10 @@ class SessionRecords:
     """
 
     def __init__(self, store: Store, process_id: str, clock: Callable[[], datetime],
-                 holds: HoldsConnection = lambda _connection: True) -> None:
+                 holds: HoldsConnection = lambda _connection: True,
+                 on_commit: Callable[[int, int], None] = lambda _changes, _writes: None) -> None:
         self._store = store
+        self.on_commit = on_commit  # called with the changes and the documents written of each commit
         self.process_id = process_id
         self._clock = clock
         self._holds = holds
@@ -146,13 +148,17 @@ class SessionRecords:
                 for uid, doc in docs.items()}
 
     def _submit(self, session_id: str, change: _Change) -> Any:
+        """Apply `change` to the session through its writer; its result (or raise what it raised)."""
+        return self._submit_all(session_id, [change])[0].outcome()
+
+    def _submit_all(self, session_id: str, changes: list[_Change]) -> list[_Ticket]:
         with self._writers_lock:
             writer = self._writers.get(session_id)
             if writer is None:
                 writer = self._writers[session_id] = _Writer(self, session_id)
             writer.users += 1
         try:
-            return writer.submit(change)
+            return writer.submit(changes)
         finally:
             with self._writers_lock:
                 writer.users -= 1
@@ -275,6 +281,15 @@ class SessionRecords:
         self._leased = True
         return lapsed
 
+    def _forget_process(self, process_id: str, now: datetime) -> None:
+        """Delete a dead process's lease, unless it renewed it meanwhile (it had only stalled)."""
+        def forget(t: Transaction) -> None:
+            lease = (t.get(PROCESSES, process_id) or {}).get("leaseUntil")
+            if isinstance(lease, datetime) and lease <= now:
+                t.delete(PROCESSES, process_id)
+
+        self._store.transaction(forget)
+
     def reassert(self, session_id: str, user_id: str, role: str, connection: str) -> None:
         """This process still holds that client: undo its being taken for away while this process's lease
         had run out (unless it came back elsewhere, or was removed meanwhile)."""
@@ -298,13 +313,16 @@ class SessionRecords:
             lease = process.data.get("leaseUntil")
             if process.id == self.process_id or not isinstance(lease, datetime) or lease > now:
                 continue
+            marks: dict[str, list[_Change]] = {}
             for presence in self._store.query(SESSION_PRESENCE, "process", process.id):
                 data = presence.data
                 if not data.get("away"):
                     grace = max(owner_grace, reconnect_grace) if data["role"] == OWNER else reconnect_grace
-                    self._submit(data["sessionID"], _MarkAway(data["userID"], process.id, lease,
-                                                              lease + timedelta(seconds=grace)))
-            self._store.delete(PROCESSES, process.id)
+                    marks.setdefault(data["sessionID"], []).append(
+                        _MarkAway(data["userID"], process.id, lease, lease + timedelta(seconds=grace)))
+            self._apply_all(marks)
+            self._forget_process(process.id, now)
+        expiries: dict[str, list[_Change]] = {}
         for presence in self._store.query(SESSION_PRESENCE, "away", True):
             data = presence.data
             until = data.get("graceUntil")
@@ -314,7 +332,19 @@ class SessionRecords:
                 else:
                     log.info("member %r of session %s did not come back: removing it", data["userID"],
                              data["sessionID"])
-                self._submit(data["sessionID"], _Expire(data["userID"], until))
+                expiries.setdefault(data["sessionID"], []).append(_Expire(data["userID"], until))
+        self._apply_all(expiries)
+
+    def _apply_all(self, changes: dict[str, list[_Change]]) -> None:
+        """Apply each session's changes together (a commit per session, not per change); a session whose
+        commit fails does not stop the others (the next pass retries them)."""
+        failed = None
+        for session_id, of_session in changes.items():
+            for ticket in self._submit_all(session_id, of_session):
+                if isinstance(ticket.error, StoreError):
+                    failed = ticket.error
+        if failed is not None:
+            raise failed
 
 
 class OwnerLeft(NamedTuple):
@@ -379,23 +409,27 @@ class _Batch:
         self.doc = None
         self.ended = True
 
-    def write(self, t: Transaction, presence_ids: Iterable[str]) -> None:
+    def write(self, t: Transaction, presence_ids: Iterable[str]) -> int:
+        """Write what the changes did; how many documents that writes."""
         sid = self.session_id
+        writes: list[tuple[str, str, Data | None]] = []  # (collection, document, data; None: delete)
         if self.ended:
-            t.delete(SESSIONS, sid)
+            writes.append((SESSIONS, sid, None))
             if self._lock is not None and self._lock[1].get("sessionID") == sid:
-                t.delete(SESSION_LOCKS, self._lock[0])
+                writes.append((SESSION_LOCKS, self._lock[0], None))
             for doc_id in {*presence_ids, *(presence_id(sid, u) for u in self.presence)}:
-                t.delete(SESSION_PRESENCE, doc_id)
-            return
-        if self._fields and self.doc is not None:
-            t.update(SESSIONS, sid, {name: self.doc[name] for name in self._fields})
-        for user_id in self._presence_changed:
-            data = self.presence[user_id]
+                writes.append((SESSION_PRESENCE, doc_id, None))
+        else:
+            if self._fields and self.doc is not None:  # first: on the bundled emulator a commit is not atomic
+                t.update(SESSIONS, sid, {name: self.doc[name] for name in self._fields})
+            for user_id in self._presence_changed:
+                writes.append((SESSION_PRESENCE, presence_id(sid, user_id), self.presence[user_id]))
+        for collection, doc_id, data in writes:
             if data is None:
-                t.delete(SESSION_PRESENCE, presence_id(sid, user_id))
+                t.delete(collection, doc_id)
             else:
-                t.set(SESSION_PRESENCE, presence_id(sid, user_id), data)
+                t.set(collection, doc_id, data)
+        return len(writes) + (1 if self._fields and not self.ended else 0)
 
 
 @dataclass
@@ -637,6 +671,8 @@ class _MarkAway(_Change):
         presence = batch.presence.get(self.user_id)
         if presence is None or presence.get("away") or presence.get("process") != self.process_id:
             return  # reconnected meanwhile
+        if batch.connected(self.user_id):
+            return  # its process renewed its lease meanwhile (it had only stalled): it still holds the client
         owner = presence["role"] == OWNER
         persistent = batch.doc is not None and bool(batch.doc.get("persistent"))
         batch.set_presence(self.user_id, {**presence, "away": True, "awaySince": self.since,
@@ -704,41 +740,46 @@ class _Writer:
         self._busy = False
         self.users = 0  # callers inside `submit` (SessionRecords drops an unused writer)
 
-    def submit(self, change: _Change) -> Any:
-        ticket = _Ticket(change)
+    def submit(self, changes: list[_Change]) -> list[_Ticket]:
+        """Apply `changes` (in this order, possibly with others'), once each is committed; their tickets."""
+        mine = [_Ticket(change) for change in changes]
         with self._lock:
-            self._queue.append(ticket)
-            ticket.lead = not self._busy
+            self._queue.extend(mine)
+            lead = not self._busy
             self._busy = True
         try:
-            while not ticket.finished:
-                if ticket.lead:
-                    with self._lock:
-                        batch = self._queue[:MAX_CHANGES_PER_COMMIT]
-                        del self._queue[:MAX_CHANGES_PER_COMMIT]
-                    self._commit(batch)
-                    for other in batch:
-                        if other is not ticket:
-                            other.done.set()
-                else:
-                    ticket.done.wait()
-                    ticket.done.clear()
+            for ticket in mine:
+                while not ticket.finished:
+                    if lead:
+                        with self._lock:
+                            batch = self._queue[:MAX_CHANGES_PER_COMMIT]
+                            del self._queue[:MAX_CHANGES_PER_COMMIT]
+                        self._commit(batch)
+                        for other in batch:
+                            if other not in mine:
+                                other.done.set()
+                    else:
+                        ticket.done.wait()
+                        ticket.done.clear()
+                        lead = ticket.lead and not ticket.finished
         finally:
             with self._lock:
-                if not ticket.finished and ticket in self._queue:
-                    self._queue.remove(ticket)  # its caller is gone (killed while waiting)
-                if ticket.lead:
+                for ticket in mine:
+                    if not ticket.finished and ticket in self._queue:
+                        self._queue.remove(ticket)  # its caller is gone (killed while waiting)
+                if lead or any(ticket.lead for ticket in mine):
                     if self._queue:
                         self._queue[0].lead = True
                         self._queue[0].done.set()
                     else:
                         self._busy = False
-        return ticket.outcome()
+        return mine
 
     def _commit(self, tickets: list[_Ticket]) -> None:
         records, sid = self._records, self._session_id
         store = records._store
         may_end = any(ticket.change.may_end for ticket in tickets)
+        writes = 0
         try:
             unknown = [t.change for t in tickets if isinstance(t.change, _Join) and t.change.email is None]
             if unknown:
@@ -764,7 +805,8 @@ class _Writer:
                         outcomes.append((ticket.change.apply(batch), None))
                     except Refusal as e:
                         outcomes.append((None, e))
-                batch.write(t, presence_ids)
+                nonlocal writes
+                writes = batch.write(t, presence_ids)
                 return outcomes
 
             outcomes = store.transaction(run)
@@ -775,5 +817,6 @@ class _Writer:
         else:
             records.commits += 1
             records.changes += len(tickets)
+            records.on_commit(len(tickets), writes)
         for ticket, (result, error) in zip(tickets, outcomes, strict=True):
             ticket.result, ticket.error, ticket.finished = result, error, True

@@ -14,6 +14,7 @@ import logging
 from flask import Blueprint, Response, jsonify, request
 from simple_websocket import ConnectionError as HandshakeError
 
+from . import metrics
 from .auth import bearer_token
 from .errors import Refusal
 from .protocol import SEED
@@ -28,6 +29,7 @@ bp = Blueprint("canary", __name__)
 
 def error(status: int, message: str) -> Response:
     """The JSON body every refusal carries: ``{"error", "status"}``."""
+    metrics.REFUSALS.labels(str(status)).inc()
     response = jsonify(error=message, status=status)
     response.status_code = status
     return response
@@ -56,7 +58,19 @@ def _handshake_failed(e: Exception) -> Response:
 
 @bp.get("/health")
 def health() -> Response:
+    """Liveness: the process answers (nothing else is checked)."""
     return Response("OK", mimetype="text/plain")
+
+
+@bp.get("/ready")
+def ready() -> Response:
+    """Readiness: 200 while the store answers within `READY_TIMEOUT_SECONDS` and the process is not stopping."""
+    svc = services()
+    if svc.sessions.stopping:
+        return error(503, "this process is stopping")
+    if not svc.store.ready(svc.config.ready_timeout_seconds):
+        return error(503, "the store does not answer")
+    return Response("READY", mimetype="text/plain")
 
 
 @bp.get("/sessions/<batch_id>", endpoint="create_session_plain")

@@ -207,15 +207,18 @@ class SessionManager:
                  owner_grace: float = 0.0, reconnect_grace: float = 30.0, lease_seconds: float = 15.0,
                  token_seconds: float = 60.0, passwords: Passwords | None = None,
                  inbound: InboundLimits | None = None, monotonic: Callable[[], float] = time.monotonic,
-                 max_clients: int | None = None, max_per_user: int | None = None) -> None:
+                 max_clients: int | None = None, max_per_user: int | None = None,
+                 on_commit: Callable[[int, int], None] | None = None) -> None:
         self._store = store
+        self.lease_held = False  # the last lease renewal succeeded and the process is not stopping
         self._max_clients = max_clients
         self._max_per_user = max_per_user
         self._per_user: Counter[str] = Counter()  # connections admitted or connected, by user
         self._clock = clock
         self._monotonic = monotonic
         self._inbound = inbound or InboundLimits()
-        self._records = SessionRecords(store, process_id or auto_id(), clock, holds=self._holds)
+        self._records = SessionRecords(store, process_id or auto_id(), clock, holds=self._holds,
+                                       **({"on_commit": on_commit} if on_commit else {}))
         self._live: dict[str, _LiveSession] = {}
         self._admitting: set[str] = set()  # connections admitted, not yet connected nor abandoned
         self._connections: dict[str, Participant] = {}
@@ -435,27 +438,33 @@ class SessionManager:
         self.run_pending()
         return participant
 
-    def receive(self, participant: Participant, data: str | bytes) -> None:
+    def receive(self, participant: Participant, data: str | bytes) -> str:
         """Handle one client frame; a bad one is answered with an `error` message, one over the client's
-        inbound budget is refused (and a client that keeps exceeding it is closed with 1008)."""
+        inbound budget is refused (and a client that keeps exceeding it is closed with 1008). What it was:
+        its message type, or why it was refused (an error code)."""
         budget, now = participant.budget, self._monotonic()
         if not self._within(participant, budget.frame(now)):
-            return
+            return "rate_limited"
         try:
             request = protocol.parse_client_frame(data)
         except ProtocolError as e:
             participant.tell(e.event())
-            return
+            return e.code
         if request.type == protocol.PING.type:
             participant.tell(Event(Kind.PONG))
-        elif request.type == protocol.SET_IMAGE_ID.type and self._within(participant, budget.set_image(now)):
+        elif request.type == protocol.SET_IMAGE_ID.type:
+            if not self._within(participant, budget.set_image(now)):
+                return "rate_limited"
             try:
                 participant.watches.switch(request.payload["imageID"])
             except StoreError as e:
                 log.warning("watch on image %r failed: %s", request.payload["imageID"], e)
                 participant.tell(Event(Kind.ERROR, code="watch_failed",
                                        message="could not watch this image; try again"))
+                self.run_pending()
+                return "watch_failed"
         self.run_pending()
+        return request.type
 
     def ping_allowed(self, participant: Participant) -> bool:
         """A WebSocket ping from the client: whether to answer it (it counts against the inbound budget)."""
@@ -523,6 +532,7 @@ class SessionManager:
     def start(self) -> None:
         """Announce this process (its lease); raises `StoreError`."""
         self._records.renew_lease(self._lease_seconds)
+        self.lease_held = True
 
     def maintain(self) -> None:
         """Renew this process's lease and clean up after processes that died (call every lease/3).
@@ -533,7 +543,14 @@ class SessionManager:
         if self._stopping:
             return
         try:
-            if self._records.renew_lease(self._lease_seconds):
+            lapsed = self._records.renew_lease(self._lease_seconds)
+        except StoreError as e:
+            log.error("could not renew this process's lease: %s", e)
+            self.lease_held = False
+            return
+        self.lease_held = True
+        try:
+            if lapsed:
                 log.warning("this process's lease ran out (a stall): re-asserting the clients it holds")
                 for live in list(self._live.values()):
                     for participant in live.local():
@@ -547,6 +564,7 @@ class SessionManager:
     def shutdown(self) -> None:
         """The process is restarting: close every client with 1012 without ending anything."""
         self._stopping = True
+        self.lease_held = False
         try:
             self._records.expire_lease()
         except StoreError as e:
@@ -554,6 +572,14 @@ class SessionManager:
         for live in list(self._live.values()):
             for participant in live.local():
                 participant.peer.close(protocol.CLOSE_SERVICE_RESTART, "service restart")
+
+    def client_counts(self) -> dict[tuple[str, str], int]:
+        """Connected clients by (role, API vocabulary), every combination included."""
+        counts = {(role, vocabulary.name): 0 for role in (OWNER, MEMBER) for vocabulary in protocol.VOCABULARIES}
+        for live in self._live.values():
+            for participant in live.local():
+                counts[participant.admission.role, participant.vocabulary.name] += 1
+        return counts
 
     def stats(self) -> dict[str, int]:
         """Counts of what this process holds, for monitoring and tests."""

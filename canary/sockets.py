@@ -15,21 +15,25 @@ gone; an admission the view never took (the handshake failed) is undone in
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, request
 from flask_sock import Sock
 from simple_websocket import Server
 
+from . import metrics
 from .auth import Authenticator
 from .clients import Client
 from .config import Config
 from .errors import Refusal
-from .logs import log_upgrade, peer_address
+from .logs import is_loopback, log_upgrade, peer_address
 from .protocol import Event, Frame, Kind, Vocabulary
 from .sessions import Admission, SessionManager
+from .store import Store
 from .tokens import SessionTokens
 from .websocket import Connection, check_handshake, prepare
 
@@ -54,6 +58,7 @@ class Services:
     sessions: SessionManager
     auth: Authenticator
     tokens: SessionTokens
+    store: Store
 
 
 def services() -> Services:
@@ -99,9 +104,16 @@ def admit() -> None:
     if origins is not None and origin is not None and origin not in origins:
         raise Refusal(403, f"origin {origin!r} is not allowed")
     address = peer_address(request.environ, config.trusted_proxies)
-    if _per_address[address] >= config.max_connections_per_address:
+    # A client on this machine (a local proxy not declared in TRUSTED_PROXIES, a benchmark) is not capped
+    # by address: all of a local proxy's clients would share one cap.
+    if _per_address[address] >= config.max_connections_per_address and not is_loopback(address):
         raise Refusal(429, "too many connections from this address")
-    g.admission = route.admit(**(request.view_args or {}))
+    g.admit_started = time.monotonic()
+    try:
+        g.admission = route.admit(**(request.view_args or {}))
+    except Exception:
+        metrics.ADMISSION.observe(time.monotonic() - g.admit_started)
+        raise
     g.address = address
     _per_address[address] += 1
     prepare(request.environ)
@@ -120,6 +132,17 @@ def undo_unserved(_error: BaseException | None) -> None:
         log.info("upgrade failed for %s in session %s", admission.user_id, admission.session_id)
         services().sessions.abandon(admission)
         _release(g.pop("address"))
+
+
+def received(kind: str) -> Any:
+    """The counter of client frames of `kind` (labels are cached: one lookup per frame)."""
+    counter = _received.get(kind)
+    if counter is None:
+        counter = _received[kind] = metrics.FRAMES_RECEIVED.labels(kind)
+    return counter
+
+
+_received: dict[str, Any] = {}
 
 
 def serve(ws: Server, **_ids: str) -> None:
@@ -143,15 +166,19 @@ def serve(ws: Server, **_ids: str) -> None:
                     ping_seconds=config.idle_timeout_seconds / 2, write_timeout=config.idle_timeout_seconds)
     participant = svc.sessions.connect(admission, client, vocabulary)
     del admission  # the participant keeps a slim copy: this frame lives as long as the connection
+    metrics.ADMISSION.observe(time.monotonic() - g.pop("admit_started"))
     log_upgrade(request.environ, 101, request.url_rule.rule if request.url_rule else "-",
                 trusted_proxies=config.trusted_proxies, userID=participant.user_id, role=role, sessionID=session_id)
-    log.info("%s connected", name)
+    context = {"sessionID": session_id, "userID": participant.user_id, "role": role}  # JSON logs' fields
+    log.info("%s connected", name, extra=context)
     try:
-        connection.serve(lambda message: svc.sessions.receive(participant, message),
+        connection.serve(lambda message: received(svc.sessions.receive(participant, message)).inc(),
                          lambda: svc.sessions.ping_allowed(participant))
     finally:
         svc.sessions.disconnect(participant)
         client.stop(timeout=config.idle_timeout_seconds)
         connection.finish(timeout=_CLOSE_TIMEOUT_SECONDS)
         _release(address)
-        log.info("%s disconnected (close code %s)", name, connection.close_code)
+        metrics.CLOSES.labels(str(connection.close_code)).inc()
+        log.info("%s disconnected (close code %s)", name, connection.close_code,
+                 extra={**context, "closeCode": connection.close_code})

@@ -146,5 +146,13 @@ class Store(ABC):
         `document_targets`, and the store's own counters."""
         return {"streams": 0, "query_targets": 0, "document_targets": 0}
 
+    def ready(self, timeout: float) -> bool:
+        """Whether the store answers a read within `timeout` seconds (the embedded one always does)."""
+        return True
+
+    def error_counts(self) -> dict[str, int]:
+        """Failed calls so far, by kind (for metrics)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default holds none."""

@@ -23,6 +23,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 from simple_websocket import ConnectionError as HandshakeError
 
+from . import metrics
 from .auth import bearer_token
 from .errors import Refusal
 from .protocol import WEBAPP
@@ -38,6 +39,7 @@ bp = Blueprint("webapp", __name__)
 
 def text_error(status: int, message: str) -> Response:
     """A refusal as the web app shows it: the reason, as text."""
+    metrics.REFUSALS.labels(str(status)).inc()
     response = Response(f"{message}\n", status=status, mimetype="text/plain")
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response

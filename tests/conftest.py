@@ -350,11 +350,11 @@ class Client:
     welcome: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def connect(cls, url: str, *, welcome: bool = True, **options: Any) -> Client:
+    def connect(cls, url: str, *, welcome: bool = True, timeout: float = TIMEOUT, **options: Any) -> Client:
         if "origin" not in options:
             options["suppress_origin"] = True  # like a non-browser client
         try:
-            ws = websocket.create_connection(url, timeout=TIMEOUT, **options)
+            ws = websocket.create_connection(url, timeout=timeout, **options)
         except websocket.WebSocketBadStatusException as e:
             try:
                 body = json.loads(e.resp_body)
@@ -411,7 +411,7 @@ class Client:
         self.ws.close()
 
 
-def connect_at_once(urls: list[str]) -> tuple[list[Client], list[int]]:
+def connect_at_once(urls: list[str], timeout: float = TIMEOUT) -> tuple[list[Client], list[int]]:
     """Open all `urls` at the same instant (one thread each): the clients accepted, the statuses refused."""
     barrier = threading.Barrier(len(urls))
     accepted: list[Client] = []
@@ -420,7 +420,7 @@ def connect_at_once(urls: list[str]) -> tuple[list[Client], list[int]]:
     def connect(url: str) -> None:
         barrier.wait()
         try:
-            accepted.append(Client.connect(url))
+            accepted.append(Client.connect(url, timeout=timeout))
         except Refused as e:
             refused.append(e.status)
 
@@ -428,7 +428,7 @@ def connect_at_once(urls: list[str]) -> tuple[list[Client], list[int]]:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(timeout + 20)
     return accepted, sorted(refused)
 
 

@@ -12,7 +12,7 @@ import pytest
 from canary.errors import Refusal
 from canary.memory_store import MemoryStore
 from canary.protocol import Frame
-from canary.records import presence_id
+from canary.records import _MarkAway, presence_id
 from canary.sessions import Participant, SessionManager
 from canary.store import PROCESSES, SESSION_LOCKS, SESSION_PRESENCE, SESSIONS
 
@@ -298,3 +298,20 @@ def test_a_process_whose_lease_ran_out_while_it_stalled_keeps_its_clients() -> N
     assert world.members(sid) == ["m1", "m2"]
     assert world.store.get(SESSIONS, sid) is not None
     assert m2_peer.take() == []
+
+
+def test_a_stalled_process_that_renews_before_its_clients_are_marked_keeps_them(world: World) -> None:
+    """B saw A's lease run out and listed A's clients; A renews before B marks them: nothing is marked."""
+    owner, _ = world.create(world.a)
+    sid = owner.session_id
+    world.join(world.a, sid, "m1")
+    world.clock.advance(LEASE + 1)  # A stalls
+    listed = world.store.query(SESSION_PRESENCE, "process", "A")
+    world.a.maintain()  # A renews its lease before B's marking commits
+    lease = world.store.get(PROCESSES, "A")["leaseUntil"]
+    for presence in listed:
+        world.b._records._submit(sid, _MarkAway(presence.data["userID"], "A", lease, lease))
+    assert world.store.get(SESSION_PRESENCE, presence_id(sid, "m1"))["away"] is False
+    assert world.store.get(SESSION_PRESENCE, presence_id(sid, "owner"))["away"] is False
+    world.b.maintain()
+    assert world.store.get(PROCESSES, "A") is not None  # B does not forget a process that renewed

@@ -29,7 +29,7 @@ def quiet_emulator(store_kind: str, tmp_path: Path) -> Iterator[Emulator]:
 def test_300_images_and_20_sessions_on_one_stream_behind_the_limit(quiet_emulator: Emulator,
                                                                    tmp_path: Path) -> None:
     with Proxy(quiet_emulator.host) as firestore_proxy:
-        server = start_server(tmp_path, quiet_emulator, via=firestore_proxy, MAX_CONNECTIONS_PER_ADDRESS="1000")
+        server = start_server(tmp_path, quiet_emulator, via=firestore_proxy)
         try:
             crowd(server, firestore_proxy)
         finally:

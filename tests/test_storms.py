@@ -16,11 +16,10 @@ STORM = 500
 @pytest.fixture
 def storm_server(store_kind: str, request: pytest.FixtureRequest) -> tuple[Server, Proxy | None]:
     """A server of its own (WORKER_CONNECTIONS above the storm); on Firestore, behind the counting proxy."""
-    settings = {"MAX_CONNECTIONS_PER_ADDRESS": str(2 * STORM)}  # every client of the storm is on 127.0.0.1
     if store_kind == "memory":
-        return request.getfixturevalue("server_factory")(**settings), None
+        return request.getfixturevalue("server_factory")(), None
     factory: Callable[..., Server] = request.getfixturevalue("proxied_server_factory")
-    return factory(**settings), request.getfixturevalue("firestore_proxy")
+    return factory(), request.getfixturevalue("firestore_proxy")
 
 
 def test_a_join_storm_admits_everyone_and_a_leave_storm_empties_the_session(
@@ -32,7 +31,8 @@ def test_a_join_storm_admits_everyone_and_a_leave_storm_empties_the_session(
     users = [f"storm-{i}" for i in range(STORM)]
     commits = proxy.calls("Commit") if proxy else 0
 
-    members, refused = connect_at_once([join_url(server, sid, user) for user in users])
+    # Generous handshake timeouts: this checks what happens, not how fast (make bench-storm measures that).
+    members, refused = connect_at_once([join_url(server, sid, user) for user in users], timeout=60)
     assert refused == []
     assert len(members) == STORM
     joined = sorted(m["id"] for m in server.doc("sessions", sid)["members"])

@@ -1,0 +1,133 @@
+"""Prometheus metrics (`/metrics`), summed truthfully over gunicorn's workers.
+
+Each worker is a process of its own, so the official `prometheus_client` runs
+in its multiprocess mode: every process writes its values to memory-mapped
+files in `PROMETHEUS_MULTIPROC_DIR`, and whichever worker answers a scrape
+sums them (`MultiProcessCollector`): counters and histograms over every
+process that ever ran, gauges over the live ones (`livesum`). gunicorn.conf.py
+sets the directory up in the master before any worker starts (a fresh one,
+or `PROMETHEUS_MULTIPROC_DIR` emptied), marks a worker's gauges dead when it
+exits, and removes a directory of its own at exit. On Heroku that is a
+directory under the dyno's /tmp, new at each boot. Without the variable (a
+process not run by gunicorn) the metrics are this process's own.
+
+`/metrics` is not open to the world: with `METRICS_TOKEN` set it answers only
+`Authorization: Bearer $METRICS_TOKEN`; without it, only loopback clients.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+
+from flask import Blueprint, Response, current_app, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from .logs import is_loopback
+from .protocol import Frame
+from .sessions import SessionManager
+from .store import Store
+
+CLIENTS = Gauge("canary_clients", "Connected WebSocket clients, by role and API", ["role", "api"],
+                multiprocess_mode="livesum")
+SESSIONS = Gauge("canary_sessions", "Sessions with clients on a process (one on two processes counts twice)",
+                 multiprocess_mode="livesum")
+IMAGE_TARGETS = Gauge("canary_image_targets", "Store targets watching an image's keypoints or bounding boxes",
+                      multiprocess_mode="livesum")
+SESSION_TARGETS = Gauge("canary_session_targets", "Store targets following a session document",
+                        multiprocess_mode="livesum")
+WATCH_STREAMS = Gauge("canary_watch_streams", "Open Firestore Listen streams (at most one per process)",
+                      multiprocess_mode="livesum")
+LEASE_HELD = Gauge("canary_process_lease_held", "Processes holding a live lease (not stopping, last renewal ok)",
+                   multiprocess_mode="livesum")
+MESSAGES_SENT = Counter("canary_messages_sent", "Messages written to clients, by type", ["type"])
+FRAMES_RECEIVED = Counter("canary_frames_received", "Client frames handled, by message type or refusal",
+                          ["type"])
+REFUSALS = Counter("canary_refusals", "HTTP refusals (before any upgrade), by status", ["status"])
+CLOSES = Counter("canary_closes", "WebSocket connections ended, by close code (1006: none)", ["code"])
+STORE_ERRORS = Counter("canary_store_errors", "Failed store calls, by kind", ["kind"])
+COMMITS = Counter("canary_membership_commits", "Membership transactions committed")
+CHANGES = Counter("canary_membership_changes", "Membership changes those transactions carried")
+WRITES_PER_COMMIT = Histogram("canary_commit_writes", "Documents written per membership commit",
+                              buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500))
+ADMISSION = Histogram("canary_admission_seconds", "From a socket request to its 101 or its refusal",
+                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+NOTIFICATION = Histogram("canary_notification_latency_seconds",
+                         "From a store change seen by the process to the notification written to a client",
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    token = current_app.config.get("METRICS_TOKEN")
+    if token:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return _denied(401, "metrics need Authorization: Bearer <METRICS_TOKEN>")
+    elif not is_loopback(request.remote_addr):
+        return _denied(403, "metrics answer loopback clients only (set METRICS_TOKEN to scrape from elsewhere)")
+    return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _denied(status: int, message: str) -> Response:
+    from .routes import error  # the service's refusal shape
+
+    REFUSALS.labels(str(status)).inc()
+    return error(status, message)
+
+
+def _registry() -> CollectorRegistry:
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def commit(changes: int, writes: int) -> None:
+    """A membership transaction committed (records.SessionRecords' `on_commit`)."""
+    COMMITS.inc()
+    CHANGES.inc(changes)
+    WRITES_PER_COMMIT.observe(writes)
+
+
+_published_errors: dict[str, int] = {}
+
+
+def refresh(sessions: SessionManager, store: Store) -> None:
+    """Set the gauges from what this process holds now, and count the store's new failures."""
+    for (role, api), count in sessions.client_counts().items():
+        CLIENTS.labels(role, api).set(count)
+    SESSIONS.set(sessions.stats()["sessions"])
+    watch = store.watch_stats()
+    IMAGE_TARGETS.set(watch["query_targets"])
+    SESSION_TARGETS.set(watch["document_targets"])
+    WATCH_STREAMS.set(watch["streams"])
+    LEASE_HELD.set(1 if sessions.lease_held else 0)
+    for kind, total in store.error_counts().items():
+        if total > _published_errors.get(kind, 0):
+            STORE_ERRORS.labels(kind).inc(total - _published_errors.get(kind, 0))
+            _published_errors[kind] = total
+
+
+def sent(frames: list[Frame]) -> None:
+    """These frames were written to one client (counted by type; notifications' latency observed)."""
+    by_type: dict[str, int] = {}
+    for frame in frames:
+        by_type[frame.type] = by_type.get(frame.type, 0) + 1
+        if frame.born:
+            NOTIFICATION.observe(time.monotonic() - frame.born)
+    for kind, count in by_type.items():
+        MESSAGES_SENT.labels(kind).inc(count)

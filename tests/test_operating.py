@@ -1,0 +1,148 @@
+"""What an operator sees: /metrics summed over two workers, who may scrape it, and /ready."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import TIMEOUT, Client, Emulator, Refused, Server, join_url, owner_url, start_server, unique, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape(server: Server, token: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: {(name, sorted labels): value}."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, _, body = server.request("GET", "/metrics", headers=headers)
+    assert status == 200, body
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def firestore_only(store_kind: str) -> None:
+    if store_kind != "firestore":
+        pytest.skip("two workers share sessions through Firestore (the memory store is one process)")
+
+
+def test_metrics_move_with_clients_summed_over_two_workers(firestore_only: None,
+                                                           server_factory: Callable[..., Server]) -> None:
+    server = server_factory(WEB_CONCURRENCY="2", CLIENT_QUEUE_BYTES="1024")
+    wait_for(lambda: len(server.worker_pids()) == 2, what="two workers")
+    batch, owner = server.batch()
+    host = Client.connect(owner_url(server, batch, owner))
+    sid = host.welcome["sessionID"]
+    members = [Client.connect(join_url(server, sid, f"metered-{i}")) for i in range(6)]
+    for i, member in enumerate(members):
+        member.send({"type": "setImageID", "payload": {"imageID": unique(f"metered-image-{i % 3}")}})
+    for member in members:
+        assert {member.recv(skip=("keepalive", "member_joined"))["type"] for _ in range(2)} == \
+            {"labels_snapshot", "bounding_boxes_snapshot"}
+
+    def counted() -> dict:
+        samples = scrape(server)
+        return samples if value(samples, "canary_clients", role="member", api="seed") == 6 else {}
+
+    samples = wait_for(counted, what="6 members counted", detail=lambda: scrape(server))
+    assert value(samples, "canary_clients", role="owner", api="seed") == 1
+    # Each worker holds some of the 7 clients (gevent's workers take turns accepting), and /metrics,
+    # wherever it is answered, counts them all.
+    held = {server.stats()["participants"] for _ in range(10)}
+    assert len(held) == 2
+    assert sum(held) == 7
+    # The gauges are summed over the workers ("livesum"), not reported per process.
+    assert not any(key == "pid" for name, labels in samples if name == "canary_clients" for key, _ in labels)
+    assert value(samples, "canary_sessions") >= 1
+    assert value(samples, "canary_image_targets") >= 6  # 6 distinct images, 2 targets each, per worker
+    assert value(samples, "canary_session_targets") >= 1
+    assert value(samples, "canary_watch_streams") >= 1
+    assert value(samples, "canary_process_lease_held") == 2
+    assert value(samples, "canary_frames_received_total", type="setImageID") == 6
+    assert value(samples, "canary_messages_sent_total", type="labels_snapshot") >= 6
+    assert value(samples, "canary_membership_commits_total") >= 6  # the joins (a create is no membership change)
+    assert value(samples, "canary_admission_seconds_count") == 7
+    assert value(samples, "canary_notification_latency_seconds_count") >= 12
+
+    # A refusal, a member dropped as a slow consumer, and everyone leaving.
+    with pytest.raises(Refused):
+        Client.connect(join_url(server, unique("no-such-session"), "x"))
+    for member in members:
+        member.close()
+    host.close()
+
+    def settled() -> dict:
+        samples = scrape(server)
+        return samples if value(samples, "canary_clients", role="member", api="seed") == 0 else {}
+
+    samples = wait_for(settled, what="nobody counted any more", detail=lambda: scrape(server))
+    assert value(samples, "canary_refusals_total", status="404") >= 1
+    assert value(samples, "canary_closes_total", code="1000") >= 7
+    assert value(samples, "canary_clients", role="owner", api="seed") == 0
+
+
+def test_metrics_need_the_token_when_one_is_set(server_factory: Callable[..., Server]) -> None:
+    server = server_factory(METRICS_TOKEN="scrape-me")
+    assert server.request("GET", "/metrics")[0] == 401
+    assert server.request("GET", "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert value(scrape(server, token="scrape-me"), "canary_process_lease_held") == 1
+
+
+def test_without_a_token_metrics_answer_loopback_only(server: Server) -> None:
+    scrape(server)  # from 127.0.0.1
+    outside = _non_loopback_address()
+    if outside is None:
+        pytest.skip("this machine has no non-loopback address to ask from")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"http://{outside}:{server.port}/metrics", timeout=TIMEOUT)
+    assert caught.value.code == 403
+
+
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_ready_flips_on_a_store_outage(tmp_path: Path) -> None:
+    emulator = Emulator.start(tmp_path)
+    server = start_server(tmp_path, emulator, READY_TIMEOUT_SECONDS="1", FIRESTORE_TIMEOUT_SECONDS="2")
+    try:
+        assert server.request("GET", "/ready")[0] == 200
+        emulator.stop()
+        status, _, body = server.request("GET", "/ready")
+        assert status == 503, body
+        assert server.request("GET", "/health")[0] == 200  # liveness is not readiness
+        emulator = Emulator.start(tmp_path, int(emulator.host.rsplit(":", 1)[1]))
+        wait_for(lambda: server.request("GET", "/ready")[0] == 200, what="ready again", timeout=30)
+    finally:
+        server.stop()
+        emulator.stop()
+
+
+def test_ready_flips_on_sigterm(server_factory: Callable[..., Server]) -> None:
+    server = server_factory()
+    host_client = Client.connect(owner_url(server, *server.batch()))  # keeps the worker up while it stops
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    connection.request("GET", "/ready")
+    first = connection.getresponse()
+    first.read()
+    assert first.status == 200
+    server.process.send_signal(signal.SIGTERM)
+    assert host_client.closed_with() == 1012
+    connection.request("GET", "/ready")  # the same keep-alive connection: the worker still answers it
+    second = connection.getresponse()
+    assert second.status == 503, second.read()
+    connection.close()
