@@ -12,15 +12,13 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, jsonify, request
-from simple_websocket import ConnectionError as HandshakeError
 
 from . import metrics
 from .auth import bearer_token
 from .errors import Refusal
 from .protocol import SEED
 from .sessions import Admission
-from .sockets import services, socket_route
-from .store import StoreError
+from .sockets import refusals, services, socket_route
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +33,8 @@ def error(status: int, message: str) -> Response:
     return response
 
 
-@bp.errorhandler(Refusal)
-def _refused(e: Refusal) -> Response:
-    response = error(e.status, e.message)
-    response.headers.update(e.headers)
-    return response
-
-
-@bp.errorhandler(StoreError)
-def _store_failed(e: StoreError) -> Response:
-    log.error("store failure: %s", e)
-    return error(503, "the store is unavailable; try again")
-
-
-@bp.errorhandler(HandshakeError)
-@bp.errorhandler(OSError)
-def _handshake_failed(e: Exception) -> Response:
-    """flask-sock's handshake failed (the client left during it): the admission is undone."""
-    log.info("WebSocket handshake failed: %r", e)
-    return error(400, "the WebSocket handshake failed")
+refusals(bp, error, store_unavailable="the store is unavailable; try again",
+         handshake_failed="the WebSocket handshake failed")
 
 
 @bp.get("/health")

@@ -218,7 +218,7 @@ class SessionManager:
         self._monotonic = monotonic
         self._inbound = inbound or InboundLimits()
         self._records = SessionRecords(store, process_id or auto_id(), clock, holds=self._holds,
-                                       **({"on_commit": on_commit} if on_commit else {}))
+                                       on_commit=on_commit or (lambda _changes, _writes: None))
         self._live: dict[str, _LiveSession] = {}
         self._admitting: set[str] = set()  # connections admitted, not yet connected nor abandoned
         self._connections: dict[str, Participant] = {}

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from flask_sock import Sock
+from simple_websocket import ConnectionError as HandshakeError
 from simple_websocket import Server
 
 from . import metrics
@@ -33,7 +34,7 @@ from .errors import Refusal
 from .logs import is_loopback, log_upgrade, peer_address
 from .protocol import Event, Frame, Kind, Vocabulary
 from .sessions import Admission, SessionManager
-from .store import Store
+from .store import Store, StoreError
 from .tokens import SessionTokens
 from .websocket import Connection, check_handshake, prepare
 
@@ -84,6 +85,31 @@ def socket_route(bp: Blueprint, rule: str, *, endpoint: str, vocabulary: Vocabul
         sock.route(rule, bp=bp, endpoint=endpoint)(serve)
         return admit
     return register
+
+
+#: How an API words a refusal: (status, reason) -> response.
+Render = Callable[[int, str], Response]
+
+
+def refusals(bp: Blueprint, render: Render, *, store_unavailable: str, handshake_failed: str) -> None:
+    """Answer `bp`'s refusals with `render`: a `Refusal` (with its headers), a store that failed (503), and
+    flask-sock's handshake failing after the admission (400; the admission is then undone)."""
+    @bp.errorhandler(Refusal)
+    def refused(e: Refusal) -> Response:
+        response = render(e.status, e.message)
+        response.headers.update(e.headers)
+        return response
+
+    @bp.errorhandler(StoreError)
+    def store_failed(e: StoreError) -> Response:
+        log.error("store failure: %s", e)
+        return render(503, store_unavailable)
+
+    @bp.errorhandler(HandshakeError)
+    @bp.errorhandler(OSError)
+    def handshake_error(e: Exception) -> Response:
+        log.info("WebSocket handshake failed: %r", e)
+        return render(400, handshake_failed)
 
 
 def install(app: Flask) -> None:

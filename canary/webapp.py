@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, request
-from simple_websocket import ConnectionError as HandshakeError
 
 from . import metrics
 from .auth import bearer_token
@@ -29,8 +28,7 @@ from .errors import Refusal
 from .protocol import WEBAPP
 from .records import MEMBER, OWNER
 from .sessions import Admission
-from .sockets import services, socket_route
-from .store import StoreError
+from .sockets import refusals, services, socket_route
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +43,8 @@ def text_error(status: int, message: str) -> Response:
     return response
 
 
-@bp.errorhandler(Refusal)
-def _refused(e: Refusal) -> Response:
-    response = text_error(e.status, e.message)
-    response.headers.update(e.headers)
-    return response
-
-
-@bp.errorhandler(StoreError)
-def _store_failed(e: StoreError) -> Response:
-    log.error("store failure: %s", e)
-    return text_error(503, "The session service cannot reach its database; try again")
-
-
-@bp.errorhandler(HandshakeError)
-@bp.errorhandler(OSError)
-def _handshake_failed(e: Exception) -> Response:
-    log.info("WebSocket handshake failed: %r", e)
-    return text_error(400, "Bad Request")
+refusals(bp, text_error, store_unavailable="The session service cannot reach its database; try again",
+         handshake_failed="Bad Request")
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import FIRESTORE_PROJECT, Emulator, unique, wait_for
+from conftest import FIRESTORE_PROJECT, Emulator, firestore_client, unique, wait_for
 from google.cloud.firestore_v1 import types
 from google.cloud.firestore_v1.services.firestore.transports.grpc import FirestoreGrpcTransport
 
@@ -150,18 +150,6 @@ def document_target(target_id: int, path: str) -> types.Target:
     return types.Target(target_id=target_id, documents=types.Target.DocumentsTarget(documents=[f"{DOCUMENTS}/{path}"]))
 
 
-def client_of(emulator: Emulator) -> Any:
-    """emulator.client() without leaving FIRESTORE_EMULATOR_HOST pointing at it."""
-    saved = os.environ.get("FIRESTORE_EMULATOR_HOST")
-    try:
-        return emulator.client()
-    finally:
-        if saved is None:
-            os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
-        else:
-            os.environ["FIRESTORE_EMULATOR_HOST"] = saved
-
-
 def put(client: Any, path: str, data: dict[str, Any]) -> str:
     client.document(path).set(data)
     return path
@@ -188,6 +176,13 @@ def round_with(summaries: list[tuple[Any, ...]], doc: tuple[Any, ...]) -> list[t
     return mine[start:end + 1]
 
 
+def completed(summaries: list[tuple[Any, ...]], doc: tuple[Any, ...]) -> bool:
+    """Whether the round that carries `doc` has ended (its target's CURRENT came after it)."""
+    if doc not in summaries:
+        return False
+    return ("CURRENT", doc[1]) in summaries[summaries.index(doc):]
+
+
 def docs_in(round_: list[tuple[Any, ...]]) -> list[str]:
     return sorted(s[2] for s in round_ if s[0] == "DOC")
 
@@ -198,7 +193,7 @@ class OwnEmulator:
     def __init__(self, emulator: Emulator, log: Path) -> None:
         self.emulator = emulator
         self.log = log
-        self.client = client_of(emulator)
+        self.client = firestore_client(emulator.host)
 
     def stats(self) -> dict[str, int]:
         """What start.js's Listen holds now (asks it with SIGUSR2, reads its answer in the log)."""
@@ -303,6 +298,8 @@ def test_targets_on_one_stream_get_their_own_documents_and_changes(emulator: Emu
     stream.wait(lambda s: s.count(("DOC", (3,), d)) == 2, "target 3's changed document")
     b2 = keypoint(client, y)
     stream.wait(lambda s: ("DOC", (2,), b2) in s, "target 2's new document")
+    stream.wait(lambda s: all(completed(s, doc) for doc in (("DOC", (1,), a2), ("DOC", (2,), b2))),
+                "the rounds of both new documents to end (their CURRENT may come in a later read)")
 
     summaries = stream.summaries()
     assert docs_in(round_with(summaries, ("DOC", (1,), a2))) == sorted([a, a2])
@@ -410,7 +407,7 @@ def test_a_write_that_does_not_change_a_targets_result_sends_it_nothing(listen: 
                                                                          emulator: Emulator) -> None:
     """The package re-sends every query target's result on any write; start.js sends a round only when the
     target's documents changed, as Firestore does."""
-    client = client_of(emulator)
+    client = firestore_client(emulator.host)
     mine, other = unique("image"), unique("image")
     stream = listen()
     stream.add(image_query(1, mine))

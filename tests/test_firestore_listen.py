@@ -9,7 +9,6 @@ through tests/grpc_proxy.py's 100-streams proxy, crashed and restarted mid-watch
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import random
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import FIRESTORE_PROJECT, Emulator, unique, wait_for
+from conftest import Emulator, firestore_client, unique, wait_for
 from google.cloud import firestore
 from google.cloud.firestore_v1.types import (
     Document,
@@ -688,18 +687,6 @@ class Watched:
             return len(self.calls[key])
 
 
-def client_at(host: str) -> firestore.Client:
-    saved = os.environ.get("FIRESTORE_EMULATOR_HOST")
-    os.environ["FIRESTORE_EMULATOR_HOST"] = host
-    try:
-        return firestore.Client(project=FIRESTORE_PROJECT)
-    finally:
-        if saved is None:
-            os.environ.pop("FIRESTORE_EMULATOR_HOST")
-        else:
-            os.environ["FIRESTORE_EMULATOR_HOST"] = saved
-
-
 class Fleet:
     """`images` images (a keypoints and a boundingBoxes target each) and `sessions` session documents
     watched on one store; half the images and sessions have a document from the start."""
@@ -816,11 +803,11 @@ def quiet_proxy(quiet_emulator: Emulator) -> Iterator[Proxy]:
 
 @pytest.fixture
 def writer(quiet_emulator: Emulator) -> firestore.Client:
-    return client_at(quiet_emulator.host)
+    return firestore_client(quiet_emulator.host)
 
 
 def test_many_targets_share_one_stream_on_the_emulator(quiet_emulator: Emulator, writer: firestore.Client) -> None:
-    store = FirestoreStore(client_at(quiet_emulator.host))
+    store = FirestoreStore(firestore_client(quiet_emulator.host))
     try:
         fleet = Fleet(store, writer, images=150, sessions=20)
         print(f"\n320 targets: every initial snapshot in {fleet.initial_seconds:.2f} s")
@@ -845,7 +832,7 @@ def test_many_targets_share_one_stream_on_the_emulator(quiet_emulator: Emulator,
 
 def test_many_targets_through_a_100_streams_proxy(writer: firestore.Client, quiet_proxy: Proxy) -> None:
     firestore_proxy = quiet_proxy
-    store = FirestoreStore(client_at(firestore_proxy.host))
+    store = FirestoreStore(firestore_client(firestore_proxy.host))
     try:
         fleet = Fleet(store, writer, images=150, sessions=20)
         print(f"\n320 targets through the proxy: every initial snapshot in {fleet.initial_seconds:.2f} s")
@@ -863,7 +850,7 @@ def test_many_targets_through_a_100_streams_proxy(writer: firestore.Client, quie
 
 def test_a_proxy_restart_mid_watch_resumes_every_target(writer: firestore.Client, quiet_proxy: Proxy) -> None:
     firestore_proxy = quiet_proxy
-    store = FirestoreStore(client_at(firestore_proxy.host))
+    store = FirestoreStore(firestore_client(firestore_proxy.host))
     try:
         fleet = Fleet(store, writer, images=50, sessions=10)
         fleet.check_initial()

@@ -162,11 +162,13 @@ def test_a_killed_owner_process_is_cleaned_up_by_the_other(start: Callable[..., 
     sid = host.welcome["sessionID"]
     (worker,) = a.worker_pids()
     os.kill(worker, signal.SIGKILL)
-    killed = time.monotonic()
     until(member, "owner_left", timeout=15)  # its lease ran out
+    left = time.monotonic()
     assert until(member, "session_closed", timeout=20)[-1]["sessionID"] == sid
     assert member.closed_with(skip=QUIET) == 4000
-    assert time.monotonic() - killed >= float(GRACE)
+    # The grace runs from the lease's end, which B notices within a reap pass (a third of the lease):
+    # on a busy machine A may even have stalled before it was killed.
+    assert time.monotonic() - left >= float(GRACE) - float(LEASE)
     assert b.doc("sessions", sid) is None
 
 
