@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: run run-firestore test lint bench bench-firestore clean
+.PHONY: run run-firestore test lint bench bench-firestore bench-storm clean
 
 $(BIN)/gunicorn: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,11 +49,18 @@ lint: $(BIN)/pytest
 	$(BIN)/ruff check .
 
 ## Benchmarks (not part of the tests): print figures for this machine (docs/benchmarks.md).
+## bench: memory, fan-out and ping CPU against the floor (fanout.py), then other clients during a flood (flood.py).
 bench: $(BIN)/pytest
 	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/flood.py
 
+## bench-firestore: latencies through Firestore, and 1/100/1000 images watched by one process.
 bench-firestore: $(BIN)/pytest $(EMULATOR)
 	$(BIN)/python bench/firestore_latency.py
+
+## bench-storm: 1000 members joining one session at once, then leaving (Firestore behind the proxy, memory).
+bench-storm: $(BIN)/pytest $(EMULATOR)
+	$(BIN)/python bench/storm.py
 
 clean:
 	rm -rf $(VENV) tests/emulator/node_modules

@@ -198,7 +198,8 @@ def put_document(port: int, collection: str, doc_id: str, data: dict[str, Any]) 
 class Server:
     """The service (`canary`) or the floor of its stack (`floor`, bench/floor_app.py), one gevent worker."""
 
-    def __init__(self, log_dir: Path, kind: str = "canary") -> None:
+    def __init__(self, log_dir: Path, kind: str = "canary", project: Path = ROOT) -> None:
+        """`project`: the tree whose gunicorn.conf.py and wsgi.py are started (the service only)."""
         self.port = free_port()
         self.log_path = log_dir / f"server-{self.port}.log"
         env = {
@@ -212,7 +213,7 @@ class Server:
             "KEEPALIVE_SECONDS": "30",
         }
         if kind == "canary":
-            cwd, args = ROOT, ["-c", "gunicorn.conf.py", "wsgi:app"]
+            cwd, args = project, ["-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{self.port}", "wsgi:app"]
         else:  # from bench/, so that gunicorn does not read the service's ./gunicorn.conf.py
             cwd, args = BENCH, ["-k", "gevent", "--worker-connections", "5000", "-b", f"127.0.0.1:{self.port}",
                                 "--graceful-timeout", "25", "--no-control-socket", "floor_app:app"]

@@ -12,17 +12,36 @@ measures:
     same emulator: each write is timed by both);
 (b) the store listeners of A (``/dev/stats``) with 1, 10, 50 and 100 clients of
     one session watching 3 images in rotation;
-(c) ``member_joined`` at the owner (on A) for a member joining on B, and on A.
+(c) ``member_joined`` at the owner (on A) for a member joining on B, and on A;
+(d) for 1, 100 and 1,000 distinct images (``--images``) watched by one instance
+    (each by one client; clients in sessions of ``--session-size``), each size
+    on a FRESH emulator (the bundled one re-runs every listener's query on each
+    write, so a shared one slows down): ``--writes`` keypoints writes, one at a
+    time, half on the image of a bare ``on_snapshot`` listener in this process
+    (timed by both), half spread over the other images: write → ``labels_snapshot``
+    p50/p99 through the service against the bare listener; the worker's CPU over
+    the writes, its OS threads and RSS, and /dev/stats?watch=1 (the store's
+    Listen streams and targets; "n/a" where a tree does not report them). With
+    ``--proxy`` the instance reaches the emulator through the tests' gRPC proxy
+    (100 concurrent streams per connection, bench/proxy_process.py) and the
+    table says how many notifications arrived of those expected.
 
-Membership changes are made one at a time: the bundled emulator does not
-isolate transactions (see the README). Every wait is bounded; the whole run
-takes about a minute, stops by itself (a watchdog kills what it started if
-anything hangs) and only speaks to 127.0.0.1. (The emulator itself listens on
-every interface: @firestore-emulator/server binds 0.0.0.0.)
+``--project DIR`` starts another tree's service (its gunicorn.conf.py and
+wsgi.py, with this Python), ``--launcher PATH`` another emulator launcher (one
+beside no node_modules uses this repository's); ``--images-only`` runs (d) only,
+``--images 0`` skips it; ``--help`` lists the sizes and budgets.
+
+Membership changes of a session are made one at a time: the bundled emulator
+does not isolate transactions (see the README). Every wait is bounded; (a) to
+(c) take about a minute, (d) a few minutes at the default sizes; the run stops
+by itself (a watchdog kills what it started if anything hangs) and only speaks
+to 127.0.0.1. (The emulator itself listens on every interface:
+@firestore-emulator/server binds 0.0.0.0.)
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -38,12 +57,16 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import websocket
-from fanout import BenchError, free_port, put_document, wait_until
+from fanout import BenchError, children, cpu_seconds, free_port, put_document, raise_nofile, settled_rss, wait_until
 from fanout import machine as machine_facts
+from proxy_process import ProxyError, ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_DIR = ROOT / "tests" / "emulator"
@@ -103,10 +126,10 @@ def stop(process: subprocess.Popen[Any], grace: float) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # anything of its group left behind (a gunicorn worker)
 
 
-def watchdog() -> None:
-    """Kill everything started here and exit if the run overstays HARD_LIMIT_SECONDS."""
-    time.sleep(HARD_LIMIT_SECONDS)
-    print(f"\nwatchdog: still running after {HARD_LIMIT_SECONDS:g} s; killing what was started", flush=True)
+def watchdog(limit: float = HARD_LIMIT_SECONDS) -> None:
+    """Kill everything started here and exit if the run overstays `limit` seconds."""
+    time.sleep(limit)
+    print(f"\nwatchdog: still running after {limit:g} s; killing what was started", flush=True)
     for process in _started:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
@@ -114,35 +137,61 @@ def watchdog() -> None:
 
 
 class Emulator:
-    def __init__(self, log_dir: Path) -> None:
+    """`node <launcher> <port>` (default: this repository's tests/emulator/start.js). A launcher beside no
+    node_modules of its own (another tree's, e.g. an older checkout's) loads this repository's packages."""
+
+    def __init__(self, log_dir: Path, launcher: Path = EMULATOR_DIR / "start.js", name: str = "emulator") -> None:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.log = log_dir / "emulator.log"
-        self.process = spawn(["node", str(EMULATOR_DIR / "start.js"), str(self.port)], EMULATOR_DIR, self.log)
+        self.log = log_dir / f"{name}.log"
+        env = None
+        if not (launcher.parent / "node_modules").is_dir():
+            env = {**os.environ, "NODE_PATH": str(EMULATOR_DIR / "node_modules")}
+        self.process = spawn(["node", str(launcher), str(self.port)], launcher.parent, self.log, env)
 
         def ready() -> bool:
             if self.process.poll() is not None:
                 raise BenchError(f"the emulator exited with {self.process.returncode}: {self.log.read_text()[-500:]}")
             return f"ready {self.port}" in self.log.read_text()
 
-        wait_until(ready, 30, "the Firestore emulator")
+        try:
+            wait_until(ready, 30, "the Firestore emulator")
+        except BaseException:
+            stop(self.process, 10)
+            raise
 
 
 class Server:
     """One instance: ``gunicorn -c gunicorn.conf.py wsgi:app``, bound to 127.0.0.1."""
 
-    def __init__(self, name: str, log_dir: Path, emulator: Emulator) -> None:
+    def __init__(self, name: str, log_dir: Path, emulator: Emulator | None, *, project: Path = ROOT,
+                 firestore_host: str | None = None, **extra_env: str) -> None:
+        """On `emulator` (reached at `firestore_host` if given: a proxy), or on the memory store (None), from
+        the tree `project` (its gunicorn.conf.py and wsgi.py, run with this Python)."""
         self.name = name
         self.port = free_port()
         self.log = log_dir / f"server-{name}.log"
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("CANARY_", "JWT_", "CORS_", "FIRESTORE_", "GCP_", "GOOGLE_", "GUNICORN_"))}
-        env.update(PORT=str(self.port), CANARY_STORE="firestore", CANARY_DEV_API="1", WEB_CONCURRENCY="1",
-                   FIRESTORE_EMULATOR_HOST=emulator.host, GCP_PROJECT_ID=PROJECT, LOG_LEVEL="WARNING")
+        env.update(PORT=str(self.port), CANARY_DEV_API="1", WEB_CONCURRENCY="1", LOG_LEVEL="WARNING")
+        if emulator is None:
+            env.update(CANARY_STORE="memory")
+        else:
+            env.update(CANARY_STORE="firestore", FIRESTORE_EMULATOR_HOST=firestore_host or emulator.host,
+                       GCP_PROJECT_ID=PROJECT)
+        env.update(extra_env)
         # The command line's bind wins over gunicorn.conf.py's 0.0.0.0.
         self.process = spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
-                              "-b", f"127.0.0.1:{self.port}", "wsgi:app"], ROOT, self.log, env)
-        wait_until(self._healthy, 30, f"instance {name} to answer /health")
+                              "-b", f"127.0.0.1:{self.port}", "wsgi:app"], project, self.log, env)
+        try:
+            wait_until(self._healthy, 30, f"instance {name} to answer /health")
+            workers = wait_until(lambda: children(self.process.pid), 10, f"the gunicorn worker of {name}")
+            if len(workers) != 1:
+                raise BenchError(f"expected one gunicorn worker for {name}, found {workers}")
+            self.worker = workers[0]
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def ws(self) -> str:
@@ -161,8 +210,10 @@ class Server:
     def put(self, collection: str, doc_id: str, data: dict[str, Any]) -> None:
         put_document(self.port, collection, doc_id, data)
 
-    def stats(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/dev/stats", timeout=10) as r:
+    def stats(self, watch: bool = False) -> dict[str, int]:
+        """/dev/stats; with `watch`, the store's streams and targets too (older trees ignore it)."""
+        url = f"http://127.0.0.1:{self.port}/dev/stats" + ("?watch=1" if watch else "")
+        with urllib.request.urlopen(url, timeout=10) as r:
             return json.loads(r.read())
 
     def batch(self, tag: str) -> tuple[str, str]:
@@ -271,6 +322,71 @@ def summary(values_s: list[float]) -> str:
     ms = [v * 1000 for v in values_s]
     return (f"p50 {pct(ms, 50):6.1f} ms, p99 {pct(ms, 99):6.1f} ms "
             f"(min {min(ms):.1f}, mean {statistics.fmean(ms):.1f}, max {max(ms):.1f}; n={len(ms)})")
+
+
+def ms(values_s: list[float], p: float | str) -> str:
+    """A percentile (or "max") of `values_s` in milliseconds, for a table cell; "-" without samples."""
+    if not values_s:
+        return "-"
+    value = max(values_s) if p == "max" else pct(values_s, float(p))
+    return f"{value * 1000:.1f}"
+
+
+def print_table(title: str, headers: list[str], rows: list[list[Any]], notes: Sequence[str] = ()) -> None:
+    """A Markdown table (pasteable into docs/benchmarks.md): columns of figures right-aligned, others left."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    figures = [all(_figure(r[i]) for r in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join(("-" * (w + 1) + ":") if right else (":" + "-" * (w + 1))
+                         for w, right in zip(widths, figures, strict=True)) + "|")
+    for row in cells:
+        print("| " + " | ".join(c.rjust(w) if right else c.ljust(w)
+                                for c, w, right in zip(row, widths, figures, strict=True)) + " |")
+    for note in notes:
+        print(note)
+    sys.stdout.flush()
+
+
+def _figure(cell: str) -> bool:
+    """Whether a table cell is a figure ("12.5", "3/4", "1.02x", "7%", "-", "n/a")."""
+    return cell in ("-", "n/a") or all(part.strip().rstrip("x%").replace(".", "", 1).isdigit()
+                                       for part in cell.replace(" / ", "/").split("/"))
+
+
+def os_threads(pid: int) -> int:
+    """The OS threads of `pid` (/proc/<pid>/status Threads)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise BenchError(f"no Threads for pid {pid}")
+
+
+def firestore_db(host: str) -> Any:
+    """A google-cloud-firestore client on `host` (FIRESTORE_EMULATOR_HOST is read by the constructor only)."""
+    from google.cloud import firestore
+
+    before = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    os.environ["FIRESTORE_EMULATOR_HOST"] = host
+    try:
+        return firestore.Client(project=PROJECT)
+    finally:
+        if before is None:
+            del os.environ["FIRESTORE_EMULATOR_HOST"]
+        else:
+            os.environ["FIRESTORE_EMULATOR_HOST"] = before
+
+
+def failure(e: BaseException) -> str:
+    """A short kind for a client that could not join or watch (no IDs: these are counted)."""
+    if isinstance(e, websocket.WebSocketBadStatusException):
+        return f"HTTP {e.status_code}"
+    if isinstance(e, BenchError):
+        return "closed before its welcome" if " closed with " in str(e) else f"no welcome within {WAIT:g} s"
+    if isinstance(e, TimeoutError | websocket.WebSocketTimeoutException):
+        return f"handshake not answered within {WAIT:g} s"
+    return type(e).__name__
 
 
 # -- (a) a Firestore write → labels_snapshot, service vs bare listener ------------------------
@@ -471,44 +587,386 @@ def member_joined_latency(a: Server, b: Server, db: Any, deadline: float) -> Non
           flush=True)
 
 
+# -- (d) 1, 100, 1000 images watched by one process ---------------------------------------------
+SNAPSHOTS = ("labels_snapshot", "bounding_boxes_snapshot")
+
+
+class Watcher(NamedTuple):
+    """A client of the service watching `image` (each image is watched by exactly one client)."""
+
+    image: str
+    client: Ws
+
+
+def join(server: Server, lane: int, indices: list[int], deadline: float) -> tuple[list[Watcher], Counter[str]]:
+    """Session `lane`: its owner, then its members one at a time (the bundled emulator does not isolate
+    transactions), each to watch its own image; stops at `deadline` or after 3 failures in a row.
+    The clients that joined, and why the others did not."""
+    watchers: list[Watcher] = []
+    failures: Counter[str] = Counter()
+    try:
+        batch, owner = server.batch(f"scale-{lane}")
+    except (BenchError, OSError) as e:
+        failures[f"batch not created ({type(e).__name__})"] += len(indices)
+        return watchers, failures
+    sid, strikes = "", 0
+    for n, k in enumerate(indices):
+        if time.monotonic() > deadline or strikes >= 3 or (n > 0 and not sid):
+            failures["not tried (setup budget spent or its session failing)"] += len(indices) - n
+            break
+        client = None
+        try:
+            if n == 0:
+                client = Ws(owner_url(server, batch, owner))
+                sid = client.expect("session_created")[1]["sessionID"]
+            else:
+                client = Ws(join_url(server, sid, f"member-{k:04}"))
+                client.expect("session_joined")
+        except (BenchError, OSError, websocket.WebSocketException) as e:
+            failures[failure(e)] += 1
+            strikes += 1
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.ws.shutdown()
+            continue
+        strikes = 0
+        watchers.append(Watcher(f"image-{k:04}", client))
+    return watchers, failures
+
+
+def first_snapshots(client: Ws, deadline: float) -> bool:
+    """Whether both first snapshots of the client's image (its watch is ready) arrive by `deadline`."""
+    wanted = set(SNAPSHOTS)
+    while wanted:
+        kind = min(wanted)
+        skipped: list[dict[str, Any]] = []
+        try:
+            client.expect(kind, timeout=max(0.0, deadline - time.monotonic()), skipped=skipped)
+        except BenchError:
+            return False
+        wanted -= {kind, *(m["type"] for m in skipped)}
+    return True
+
+
+def spread(k: int, items: int, picks: int) -> int:
+    """The `k`-th of `picks` picks among `items`: evenly spaced over them all when there are more items than
+    picks (so that the last clients' images are written to as well as the first ones'), else in turn."""
+    return k * items // picks if items > picks else k % items
+
+
+def scale_run(images: int, options: Any, log_dir: Path) -> dict[str, Any]:
+    """One size: a fresh emulator (and proxy), one instance, `images` clients each watching its own image,
+    then timed writes spread over those images, half of them on the image of a bare listener."""
+    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    result: dict[str, Any] = {"images": images, "failures": Counter(), "stopped": ""}
+    emulator = proxy = server = db = watch = None
+    watchers: list[Watcher] = []
+    try:
+        emulator = Emulator(log_dir, options.launcher, name=f"emulator-{images}")
+        if options.proxy:
+            proxy = ProxyProcess(emulator.host, log_dir)
+            _started.append(proxy.process)
+        server = Server(f"S{images}", log_dir, emulator, project=options.project,
+                        firestore_host=proxy.host if proxy else None)
+        print(f"  {images} image(s): emulator 127.0.0.1:{emulator.port}"
+              + (f", proxy 127.0.0.1:{proxy.port} (100 streams per connection)" if proxy else "")
+              + f", service 127.0.0.1:{server.port} (worker {server.worker})", flush=True)
+
+        # Clients: sessions of `session_size`, a few sessions joining in parallel, members one at a time.
+        started = time.monotonic()
+        setup_deadline = started + options.setup_budget
+        lanes = [list(range(first, min(images, first + options.session_size)))
+                 for first in range(0, images, options.session_size)]
+        pool = ThreadPoolExecutor(max_workers=max(1, min(options.setup_parallel, len(lanes))))
+        try:
+            futures = [pool.submit(join, server, lane, indices, setup_deadline)
+                       for lane, indices in enumerate(lanes)]
+            for future in futures:
+                lane_watchers, lane_failures = future.result()
+                watchers.extend(lane_watchers)
+                result["failures"].update(lane_failures)
+        finally:  # on Ctrl-C, not waiting for the lanes: they stop at their next client once the service is gone
+            pool.shutdown(wait=False, cancel_futures=True)
+        watchers.sort(key=lambda w: w.image)
+        joined = time.monotonic()
+        # Then every client watches its image: the emulator re-runs every query target on each write, so
+        # joining before any target exists keeps the joins' writes cheap.
+        for w in watchers:
+            w.client.send({"type": "setImageID", "payload": {"imageID": w.image}})
+        ready_deadline = max(setup_deadline, joined + 10)
+        ready = [w for w in watchers if first_snapshots(w.client, ready_deadline)]
+        result.update(sessions=len(lanes), admitted=len(watchers), ready=len(ready),
+                      setup_s=time.monotonic() - started)
+        print(f"    {len(watchers)}/{images} clients admitted in {joined - started:.1f} s "
+              f"({len(lanes)} sessions), {len(ready)} watches ready after {time.monotonic() - started:.1f} s"
+              + (f"; not admitted: {dict(result['failures'])}" if result["failures"] else ""), flush=True)
+        if not watchers:
+            raise BenchError("no client could join")
+
+        result["rss_kib"] = settled_rss(server.worker)
+        result["threads"] = os_threads(server.worker)
+        result["stats"] = server.stats(watch=True)
+        if proxy is not None:
+            result["proxy_listen_peak"] = proxy.peak("Listen")
+
+        # The bare listener, on the first image's keypoints query, straight to the emulator.
+        db = firestore_db(emulator.host)
+        bare: queue.Queue[float] = queue.Queue()
+        bare_image = watchers[0].image
+        watch = (db.collection("keypoints").where(filter=FieldFilter("imageID", "==", bare_image))
+                 .on_snapshot(lambda *_: bare.put(time.perf_counter())))
+        bare.get(timeout=WAIT)  # its first snapshot
+        for w in watchers:  # the session messages of the joins (member_joined, ...)
+            w.client.drain()
+
+        # Writes: the even ones on the bare listener's image (timed by both), the odd ones spread over the rest.
+        others = watchers[1:] or watchers[:1]
+        service: list[float] = []
+        service_same: list[float] = []
+        direct: list[float] = []
+        expected = delivered = bare_expected = bare_delivered = extra = 0
+        total = options.warmup_writes + options.writes
+        write_deadline = time.monotonic() + options.write_budget
+        cpu_before = emulator_before = 0.0
+        measured_from = time.monotonic()
+        for i in range(total):
+            if i == options.warmup_writes:
+                cpu_before, emulator_before = cpu_seconds(server.worker), cpu_seconds(emulator.process.pid)
+                measured_from = time.monotonic()
+            if time.monotonic() > write_deadline:
+                result["stopped"] = f"stopped after {i} of {total} writes: the write budget " \
+                                    f"({options.write_budget:g} s) was spent"
+                break
+            target = watchers[0] if i % 2 == 0 else others[spread(i // 2, len(others), max(1, total // 2))]
+            on_bare = target.image == bare_image
+            # Late or duplicate notifications of earlier writes (not the session's own messages).
+            extra += sum(m["type"] in SNAPSHOTS for m in target.client.drain())
+            while not bare.empty():
+                bare.get_nowait()
+                extra += 1
+            ref = db.collection("keypoints").document(f"kp-{target.image}-{i % KEYPOINT_DOCS}")
+            began = time.perf_counter()
+            ref.set({"imageID": target.image, "keypoints": [{"x": i, "y": i * 2, "label": "nose"}], "n": i})
+            limit = time.monotonic() + options.notify_timeout
+            got_service = got_bare = None
+            with contextlib.suppress(BenchError):
+                got_service = target.client.expect("labels_snapshot", timeout=options.notify_timeout)[0]
+            if on_bare:
+                with contextlib.suppress(queue.Empty):
+                    got_bare = bare.get(timeout=max(0.0, limit - time.monotonic()))
+            if i < options.warmup_writes:
+                continue
+            expected += 1
+            delivered += got_service is not None
+            bare_expected += on_bare
+            bare_delivered += got_bare is not None
+            if got_service is not None:
+                service.append(got_service - began)
+                if on_bare and got_bare is not None:
+                    service_same.append(got_service - began)
+                    direct.append(got_bare - began)
+        if expected:
+            result["cpu_s"] = cpu_seconds(server.worker) - cpu_before
+            result["emulator_cpu_s"] = cpu_seconds(emulator.process.pid) - emulator_before
+            result["wall_s"] = time.monotonic() - measured_from
+        result.update(expected=expected, delivered=delivered, bare_expected=bare_expected,
+                      bare_delivered=bare_delivered, extra=extra, service=service, service_same=service_same,
+                      direct=direct)
+        result["stats_after"] = server.stats(watch=True)
+        print(f"    {expected} writes timed: service {summary(service)}", flush=True)
+        print(f"      on the bare listener's image: service {summary(service_same)}; bare {summary(direct)}",
+              flush=True)
+        if delivered < expected or bare_delivered < bare_expected:
+            print(f"      notifications not delivered within {options.notify_timeout:g} s: service "
+                  f"{expected - delivered} of {expected}, bare {bare_expected - bare_delivered} of {bare_expected}",
+                  flush=True)
+        if result["stopped"]:
+            print(f"      {result['stopped']}", flush=True)
+        if proxy is not None:
+            result["proxy_listen_peak"] = max(result.get("proxy_listen_peak", 0), proxy.peak("Listen"))
+            result["proxy_calls"] = proxy.by_method()
+    except (BenchError, OSError, queue.Empty, ProxyError) as e:
+        result["error"] = str(e) or type(e).__name__
+        print(f"    failed: {result['error']}", flush=True)
+    finally:
+        if watch is not None:
+            with contextlib.suppress(Exception):
+                watch.unsubscribe()
+        if db is not None:
+            with contextlib.suppress(Exception):
+                db.close()
+        if server is not None:
+            server.stop()  # SIGTERM: the service closes its clients (1012) itself
+        for w in watchers:
+            with contextlib.suppress(Exception):
+                w.client.ws.shutdown()
+        if proxy is not None:
+            proxy.stop()
+        if emulator is not None:
+            stop(emulator.process, 10)
+    return result
+
+
+def images_at_scale(options: Any, log_dir: Path, results: list[dict[str, Any]]) -> None:
+    """(d) at each size of `options.images`, each size's figures appended to `results` as it ends."""
+    print(f"\n(d) images watched by one process: {', '.join(map(str, options.images))}; one client per image, "
+          f"sessions of {options.session_size}; {options.writes} writes each (+{options.warmup_writes} not "
+          f"counted), a fresh emulator per size" + ("; the service behind the 100-stream proxy" if options.proxy
+                                                   else ""), flush=True)
+    print(f"    service tree {options.project}, emulator launcher {options.launcher}", flush=True)
+    for n in options.images:
+        results.append(scale_run(n, options, log_dir))
+
+
+def print_scale(results: list[dict[str, Any]], options: Any) -> None:
+    def stat(r: dict[str, Any], key: str) -> str:
+        value = r.get("stats", {}).get(key)
+        return "n/a" if value is None else str(value)
+
+    rows = []
+    for r in results:
+        service, same, direct = r.get("service", []), r.get("service_same", []), r.get("direct", [])
+        ratio = (f"{pct(same, 50) / pct(direct, 50):.2f}x" if same and direct else "-")
+        rows.append([r["images"], f"{r.get('ready', 0)}/{r.get('admitted', 0)}/{r['images']}",
+                     f"{r.get('delivered', 0)}/{r.get('expected', 0)}", ms(service, 50), ms(service, 99),
+                     ms(service, "max"), ms(same, 50), ms(same, 99), ms(direct, 50), ms(direct, 99),
+                     f"{r.get('bare_delivered', 0)}/{r.get('bare_expected', 0)}", ratio])
+    notes = [f"  {r['images']} image(s): {r['stopped']}" for r in results if r.get("stopped")]
+    notes += [f"  {r['images']} image(s) failed: {r['error']}" for r in results if r.get("error")]
+    notes += [f"  {r['images']} image(s), clients not admitted: {dict(r['failures'])}"
+              for r in results if r.get("failures")]
+    notes += [f"  {r['images']} image(s): {r['extra']} late or duplicate notifications (drained before a write)"
+              for r in results if r.get("extra")]
+    print_table(
+        "(d) keypoints write → labels_snapshot, by distinct images watched by one service process "
+        f"(ms; {'through the 100-stream proxy' if options.proxy else 'service straight to the emulator'}; "
+        "bare = on_snapshot in this script, straight to the emulator, on the first image's query)",
+        ["images", "ready/admitted/clients", "delivered/expected", "service p50", "p99", "max",
+         "service, bare's image p50", "p99", "bare p50", "bare p99", "bare delivered", "service/bare p50"],
+        rows, notes)
+    rows = []
+    for r in results:
+        cpu, expected = r.get("cpu_s"), r.get("expected", 0)
+        rows.append([r["images"], f"{r['setup_s']:.1f}" if "setup_s" in r else "-",
+                     f"{cpu:.2f}" if cpu is not None else "-",
+                     f"{cpu / expected * 1000:.2f}" if cpu is not None and expected else "-",
+                     r.get("threads", "-"), f"{r['rss_kib'] / 1024:.1f}" if "rss_kib" in r else "-",
+                     stat(r, "store_watches"), stat(r, "streams"), stat(r, "query_targets"),
+                     stat(r, "document_targets"),
+                     f"{r['emulator_cpu_s']:.2f}" if "emulator_cpu_s" in r else "-",
+                     r.get("proxy_listen_peak", "-")])
+    print_table(
+        "(d) the service's worker at each size (CPU over the timed writes; threads, RSS and /dev/stats?watch=1 "
+        "once every client watches; n/a: this tree reports no such figure)",
+        ["images", "setup s", "worker CPU s", "CPU ms/write", "OS threads", "RSS MiB", "store_watches",
+         "Listen streams", "query targets", "document targets", "emulator CPU s", "proxy peak Listen"],
+        rows)
+    calls = [f"  {r['images']} image(s): {r['proxy_calls']}" for r in results if r.get("proxy_calls")]
+    if calls:
+        print("calls through the proxy, by method, from the start of each size:")
+        print("\n".join(calls))
+
+
 # -- main ---------------------------------------------------------------------------------------
 def interrupted(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM as Ctrl-C: stop what was started on the way out
+
+
+def sizes(text: str) -> list[int]:
+    if text.strip().lower() in ("", "0", "none"):
+        return []
+    values = [int(v) for v in text.split(",")]
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("sizes are positive whole numbers")
+    return values
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep-logs", action="store_true", help="keep the emulators' and instances' logs")
+    parser.add_argument("--project", type=Path, default=ROOT,
+                        help="the tree whose gunicorn.conf.py/wsgi.py is started, with this Python "
+                             "(default: this repository)")
+    parser.add_argument("--launcher", type=Path, default=EMULATOR_DIR / "start.js",
+                        help="the emulator launcher (default: this repository's tests/emulator/start.js)")
+    parser.add_argument("--images-only", action="store_true", help="only (d): skip (a), (b) and (c)")
+    parser.add_argument("--images", type=sizes, default=[1, 100, 1000],
+                        help="(d): distinct images watched by one process, one client each (default 1,100,1000; "
+                             "0 skips (d))")
+    parser.add_argument("--session-size", type=int, default=50, help="(d): clients per session (default 50)")
+    parser.add_argument("--writes", type=int, default=300, help="(d): timed writes per size (default 300)")
+    parser.add_argument("--warmup-writes", type=int, default=10, help="(d): writes not counted first (default 10)")
+    parser.add_argument("--write-budget", type=float, default=120.0,
+                        help="(d): seconds of writes per size at most; fewer writes past it (default 120)")
+    parser.add_argument("--setup-budget", type=float, default=240.0,
+                        help="(d): seconds to connect the clients per size at most (default 240)")
+    parser.add_argument("--setup-parallel", type=int, default=4,
+                        help="(d): sessions filled at the same time, each one join at a time (default 4)")
+    parser.add_argument("--notify-timeout", type=float, default=5.0,
+                        help="(d): longest wait for one write's notification (default 5 s)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="(d): the service reaches the emulator through the tests' 100-stream gRPC proxy")
+    options = parser.parse_args(argv)
+    options.project = options.project.resolve()
+    options.launcher = options.launcher.resolve()
+    if not (options.project / "wsgi.py").is_file() or not (options.project / "gunicorn.conf.py").is_file():
+        parser.error(f"--project {options.project}: no wsgi.py and gunicorn.conf.py there")
+    if not options.launcher.is_file():
+        parser.error(f"--launcher {options.launcher}: no such file")
+    return options
+
+
 def main() -> int:
+    options = parse_options()
     if shutil.which("node") is None:
         print("node is not installed (the bundled Firestore emulator needs Node.js)", file=sys.stderr)
         return 2
     if not (EMULATOR_DIR / "node_modules").is_dir():
         print("the emulator is not installed: run `make test` once (npm ci in tests/emulator)", file=sys.stderr)
         return 2
-    keep_logs = "--keep-logs" in sys.argv[1:]
-    threading.Thread(target=watchdog, daemon=True).start()
+    classic = not options.images_only
+    limit = (HARD_LIMIT_SECONDS if classic else 0.0) + sum(
+        options.setup_budget + options.write_budget + 180 for _ in options.images)
+    threading.Thread(target=watchdog, args=(limit,), daemon=True).start()
     signal.signal(signal.SIGTERM, interrupted)
     began = time.monotonic()
     deadline = began + BUDGET_SECONDS
     print("machine:")
     for line in machine():
         print(f"  {line}")
+    print(f"  open files limit {raise_nofile()}; the watchdog stops everything after {limit:g} s")
     log_dir = Path(tempfile.mkdtemp(prefix="canary-firestore-latency-"))
     emulator: Emulator | None = None
     servers: list[Server] = []
     db = None
     ok = False
+    scale: list[dict[str, Any]] = []
     try:
-        emulator = Emulator(log_dir)
-        servers = [Server("A", log_dir, emulator)]
-        servers.append(Server("B", log_dir, emulator))
-        a, b = servers
-        print(f"emulator 127.0.0.1:{emulator.port}; instances A 127.0.0.1:{a.port}, B 127.0.0.1:{b.port} "
-              f"(one gevent worker each); started in {time.monotonic() - began:.1f} s", flush=True)
-        os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
-        from google.cloud import firestore
+        if classic:
+            emulator = Emulator(log_dir, options.launcher)
+            servers = [Server("A", log_dir, emulator, project=options.project)]
+            servers.append(Server("B", log_dir, emulator, project=options.project))
+            a, b = servers
+            print(f"emulator 127.0.0.1:{emulator.port}; instances A 127.0.0.1:{a.port}, B 127.0.0.1:{b.port} "
+                  f"(one gevent worker each); started in {time.monotonic() - began:.1f} s", flush=True)
+            os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
+            from google.cloud import firestore
 
-        db = firestore.Client(project=PROJECT)
-        write_to_notification(a, db, began + BUDGET_SECONDS * 0.3)
-        listeners_vs_clients(a)
-        member_joined_latency(a, b, db, deadline)
-        ok = True
+            db = firestore.Client(project=PROJECT)
+            write_to_notification(a, db, began + BUDGET_SECONDS * 0.3)
+            listeners_vs_clients(a)
+            member_joined_latency(a, b, db, deadline)
+            db.close()
+            db = None
+            for server in servers:
+                server.stop()
+            servers = []
+            stop(emulator.process, 10)
+            emulator = None
+        if options.images:
+            images_at_scale(options, log_dir, scale)
+        ok = all("error" not in r for r in scale)
     except BenchError as e:
         print(f"\nbench failed: {e}", file=sys.stderr)
     except KeyboardInterrupt:
@@ -521,10 +979,12 @@ def main() -> int:
             server.stop()
         if emulator is not None:
             stop(emulator.process, 10)
-        if ok and not keep_logs:
+        if ok and not options.keep_logs:
             shutil.rmtree(log_dir, ignore_errors=True)
         else:
             print(f"logs kept in {log_dir}", file=sys.stderr)
+    if scale:
+        print_scale(scale, options)
     print(f"\ntotal {time.monotonic() - began:.1f} s; {load_average()}")
     return 0 if ok else 1
 

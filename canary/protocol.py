@@ -26,9 +26,17 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 
+_now_cache: tuple[int, str] = (0, "")
+
+
 def utc_now() -> str:
     """The current time as RFC 3339 UTC with a `Z`, millisecond precision."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    global _now_cache
+    millis = time.time_ns() // 1_000_000
+    if _now_cache[0] != millis:  # formatted once per millisecond, however many messages it stamps
+        stamp = datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="milliseconds")
+        _now_cache = (millis, stamp.replace("+00:00", "Z"))
+    return _now_cache[1]
 
 
 class Frame(NamedTuple):
@@ -127,6 +135,18 @@ class Event:
             frame = frame._replace(born=self.born)
         self._frames[vocabulary.name] = frame
         return frame
+
+
+_pong: Event | None = None
+
+
+def pong() -> Event:
+    """This millisecond's `pong`: one event (encoded once per vocabulary) for every client that pings in it."""
+    global _pong
+    now = utc_now()
+    if _pong is None or _pong.values["time"] != now:
+        _pong = Event(Kind.PONG, time=now)
+    return _pong
 
 
 ERROR_CODES = ("binary_frame", "invalid_json", "invalid_message", "unknown_type", "invalid_payload",

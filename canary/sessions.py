@@ -451,7 +451,7 @@ class SessionManager:
             participant.tell(e.event())
             return e.code
         if request.type == protocol.PING.type:
-            participant.tell(Event(Kind.PONG))
+            participant.tell(protocol.pong())
         elif request.type == protocol.SET_IMAGE_ID.type:
             if not self._within(participant, budget.set_image(now)):
                 return "rate_limited"

@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from flask_sock import Sock
@@ -160,17 +159,6 @@ def undo_unserved(_error: BaseException | None) -> None:
         _release(g.pop("address"))
 
 
-def received(kind: str) -> Any:
-    """The counter of client frames of `kind` (labels are cached: one lookup per frame)."""
-    counter = _received.get(kind)
-    if counter is None:
-        counter = _received[kind] = metrics.FRAMES_RECEIVED.labels(kind)
-    return counter
-
-
-_received: dict[str, Any] = {}
-
-
 def serve(ws: Server, **_ids: str) -> None:
     """Serve an admitted client over flask-sock's `ws` until it is gone."""
     svc = services()
@@ -198,7 +186,7 @@ def serve(ws: Server, **_ids: str) -> None:
     context = {"sessionID": session_id, "userID": participant.user_id, "role": role}  # JSON logs' fields
     log.info("%s connected", name, extra=context)
     try:
-        connection.serve(lambda message: received(svc.sessions.receive(participant, message)).inc(),
+        connection.serve(lambda message: metrics.received(svc.sessions.receive(participant, message)),
                          lambda: svc.sessions.ping_allowed(participant))
     finally:
         svc.sessions.disconnect(participant)
