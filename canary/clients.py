@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import gevent
-import gevent.queue
+from gevent.hub import Hub, Waiter
 from gevent.monkey import get_original
 
 from . import metrics
@@ -38,6 +38,41 @@ class _Close:
 
 _TICK = object()  # queue item: a keepalive or a ping may be due
 _MAX_FRAMES_PER_WRITE = 256
+
+_Item = Frame | str | _Close | object
+
+
+class _Mailbox:
+    """The client's queue, for its writer alone: a list and, while the writer waits, its `Waiter`.
+
+    gevent's `Queue` (general: many getters and putters, a size bound) cost 2.5 KiB
+    per client, and a writer parked in its `get` kept a deeper stack; a client's
+    queue has one reader, and its bound is counted in bytes by `Client`.
+    """
+
+    __slots__ = ("_hub", "_items", "_waiter")
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._items: list[_Item] = []
+        self._waiter: Waiter | None = None
+
+    def put(self, item: _Item) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._hub.loop.run_callback(waiter.switch, None)
+
+    def take(self) -> list[_Item]:
+        """Everything queued, in order, waiting (in the writer's greenlet) until there is something."""
+        while not self._items:
+            self._waiter = Waiter(self._hub)
+            self._waiter.get()
+        items, self._items = self._items, []
+        return items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class _Ticker:
@@ -98,10 +133,10 @@ class Client:
         self._keepalive = keepalive
         self._ping_seconds = ping_seconds
         self._write_timeout = write_timeout
-        self._queue: gevent.queue.Queue[Frame | str | _Close | object] = gevent.queue.Queue()
+        self._hub = gevent.get_hub()
+        self._queue = _Mailbox(self._hub)
         self._pending: dict[str, Frame] = {}
         self._closing: _Close | None = None
-        self._hub = gevent.get_hub()
         self._thread_id = _real_thread_id()
         now = time.monotonic()
         self._next_beat = now + keepalive_seconds
@@ -209,9 +244,8 @@ class Client:
         try:
             while True:
                 # Everything queued when the writer wakes goes out in one write (one system call).
-                item = self._queue.get()
                 frames: list[Frame] = []
-                while True:
+                for item in self._queue.take():
                     if item is _TICK:
                         self._write(frames)
                         frames = []
@@ -228,9 +262,9 @@ class Client:
                     else:
                         self._queued_bytes -= len(item.data)  # type: ignore[union-attr]
                         frames.append(item)  # type: ignore[arg-type]
-                    if self._queue.empty() or len(frames) >= _MAX_FRAMES_PER_WRITE:
-                        break
-                    item = self._queue.get_nowait()
+                    if len(frames) >= _MAX_FRAMES_PER_WRITE:
+                        self._write(frames)
+                        frames = []
                 self._write(frames)
         except (ConnectionClosed, OSError) as e:
             # The peer is gone, or stopped reading for longer than the write timeout.

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -129,6 +130,7 @@ class _Socket:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._fd = sock.fileno()
         self._lock = threading.Lock()  # a greenlet lock once gevent has patched threading
 
     def fileno(self) -> int:
@@ -142,7 +144,16 @@ class _Socket:
 
     def send(self, data: bytes) -> int:
         with self._lock:
-            self._sock.sendall(data)
+            # A write straight to the non-blocking socket first: gevent's sendall costs four times as much
+            # (11.8 against 3.3 µs for a notification here), and almost every write fits in the kernel's buffer.
+            if self._fd < 0:  # closed: the number may belong to another socket by now
+                raise OSError(errno.EBADF, "the socket is closed")
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):  # the buffer is full: wait for room, letting the other greenlets run
+                self._sock.sendall(memoryview(data)[sent:])
         return len(data)
 
     def abort(self) -> None:
@@ -180,6 +191,7 @@ class _Socket:
                 gevent.sleep(0)  # a peer that keeps sending must not hold the worker
         except OSError:
             pass
+        self._fd = -1
         self._sock.close()
 
 
@@ -191,6 +203,11 @@ def _frame(payload: bytes) -> bytes:
     if size < 1 << 16:
         return b"\x81\x7e" + size.to_bytes(2, "big") + payload
     return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+
+
+_TEXT, _PING, _PONG = 0x1, 0x9, 0xA
+_SIMPLE = frozenset((_TEXT, _PING, _PONG))
+_NO_LIMIT = 1 << 62
 
 
 class _Wakeup(Exception):
@@ -215,6 +232,8 @@ class Connection:
         self._in_recv = False
         self._ping_payload = b""
         self.pong_received = True  # the last ping was answered (or none was sent)
+        self._unread: bytes | None = b""  # bytes read past the last simple frame; None once wsproto reads
+        self._handover = b""
 
     @property
     def close_code(self) -> int:
@@ -223,7 +242,12 @@ class Connection:
 
     def serve(self, deliver: Callable[[str | bytes], None], ping_allowed: PingPolicy = lambda: True) -> None:
         """Read the connection in this greenlet, passing each message to `deliver`, until it is closed or
-        interrupted (`finish` then completes the close handshake)."""
+        interrupted (`finish` then completes the close handshake).
+
+        Whole, final, masked text frames and pings and pongs (what clients send) are read by `_frames`
+        (wsproto costs 17 µs a frame, this 1 µs); from the first frame of any other kind on (a close, a
+        fragment, a protocol error), the connection is read by wsproto, from that frame's first byte.
+        """
         self._reader = gevent.getcurrent()
         ws, wsproto = self._ws, self._ws.ws
         parts: list[str | bytes] = []
@@ -242,6 +266,25 @@ class Connection:
                     ws.close_reason = CloseReason.ABNORMAL_CLOSURE
                     ws.connected = False
                     return
+                if self._unread is not None:
+                    data = self._unread + data
+                    for kind, payload in self._frames(data):
+                        if kind == _TEXT:
+                            deliver(payload)
+                            if self._interrupted:
+                                return
+                        elif kind == _PING:
+                            if ping_allowed():
+                                self._socket.send(b"\x8a" + bytes((len(payload),)) + payload)
+                        elif payload == self._ping_payload:  # a pong: only an answer to this service's ping counts
+                            self.pong_received = True
+                        since_pause += 1
+                        if since_pause >= YIELD_EVERY_FRAMES:
+                            since_pause = 0
+                            gevent.sleep(0)  # let every other greenlet run: one socket never holds the worker
+                    if self._unread is not None:
+                        continue
+                    data = self._handover  # from the first frame wsproto reads
                 wsproto.receive_data(data)
                 for event in wsproto.events():
                     if isinstance(event, Message):
@@ -276,6 +319,54 @@ class Connection:
                         gevent.sleep(0)  # let every other greenlet run: one socket never holds the worker
         except (OSError, LocalProtocolError):
             ws.connected = False
+
+    def _frames(self, data: bytes) -> Iterator[tuple[int, Any]]:
+        """The whole simple frames at the start of `data` (see `serve`): text messages decoded, ping and pong
+        payloads. What follows them stays in `_unread` if it may be the start of one more; else reading
+        passes to wsproto (`_unread` None, `_handover` the bytes from that frame on)."""
+        limit = self._max_message_bytes or _NO_LIMIT
+        end = len(data)
+        at = 0
+        while True:
+            if end - at < 2:
+                break
+            first, second = data[at], data[at + 1]
+            opcode, length = first & 0x0F, second & 0x7F
+            if first & 0xF0 != 0x80 or not second & 0x80 or opcode not in _SIMPLE or length == 127 \
+                    or (opcode != _TEXT and length > 125):
+                self._hand_over(data[at:])  # not final, reserved bits, unmasked, a close or data frame, 64-bit
+                return
+            start = at + 2
+            if length == 126:
+                if end - start < 2:
+                    break
+                length = int.from_bytes(data[start:start + 2], "big")
+                start += 2
+            if length > limit:
+                self._hand_over(data[at:])  # too big: wsproto reads it, and `serve` closes with 1009
+                return
+            if end - start < 4 + length:
+                break
+            mask = data[start:start + 4]
+            payload = (int.from_bytes(data[start + 4:start + 4 + length], "big")
+                       ^ int.from_bytes((mask * (length // 4 + 1))[:length], "big")).to_bytes(length, "big")
+            if opcode == _TEXT:
+                try:
+                    text = payload.decode()
+                except UnicodeDecodeError:
+                    self._hand_over(data[at:])  # not UTF-8: wsproto closes with 1007
+                    return
+                at = start + 4 + length
+                self._unread = data[at:]
+                yield _TEXT, text
+            else:
+                at = start + 4 + length
+                self._unread = data[at:]
+                yield opcode, payload
+        self._unread = data[at:]
+
+    def _hand_over(self, data: bytes) -> None:
+        self._unread, self._handover = None, data
 
     def _close_from_reader(self, code: int, reason: str) -> None:
         try:
@@ -345,6 +436,11 @@ class Connection:
         deadline = time.monotonic() + timeout
         read = 0
         try:
+            if self._unread:  # what the fast reader left (the start of a frame): wsproto reads on from there
+                wsproto.receive_data(self._unread)
+                for _event in wsproto.events():
+                    pass
+            self._unread = None
             while (wsproto.state is ConnectionState.LOCAL_CLOSING and read < _LINGER_BYTES
                    and (left := deadline - time.monotonic()) > 0):
                 self._socket.settimeout(left)

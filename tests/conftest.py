@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -438,3 +439,64 @@ def owner_url(server: Server, batch: str, user: str) -> str:
 
 def join_url(server: Server, session: str, user: str) -> str:
     return f"{server.ws}/sessions/{session}/join?userID={user}"
+
+
+# -- raw WebSocket frames: exact bytes on the wire ----------------------------------------------------
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bool = True) -> bytes:
+    """One client frame (masked, as RFC 6455 requires of clients, unless `mask` is False)."""
+    key = os.urandom(4) if mask else b""
+    size = len(payload)
+    if size < 126:
+        head = bytes(((0x80 if fin else 0) | rsv << 4 | opcode, (0x80 if mask else 0) | size))
+    elif size < 1 << 16:
+        head = bytes(((0x80 if fin else 0) | rsv << 4 | opcode, (0x80 if mask else 0) | 126)) + struct.pack("!H", size)
+    else:
+        head = bytes(((0x80 if fin else 0) | rsv << 4 | opcode, (0x80 if mask else 0) | 127)) + struct.pack("!Q", size)
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if mask else payload
+    return head + key + body
+
+
+def raw_websocket(server: Server, path: str) -> socket.socket:
+    """A socket that completed the handshake of `path` (the 101 read, nothing more)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # one byte at a time: nothing after the head is read here
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes, or fewer if the connection ends first."""
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = sock.recv(size - len(data))
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+    """The next server frame (opcode, payload), or None at the end of the connection."""
+    head = _exactly(sock, 2)
+    if len(head) < 2:
+        return None
+    size = head[1] & 0x7F
+    if size == 126:
+        size = struct.unpack("!H", _exactly(sock, 2))[0]
+    elif size == 127:
+        size = struct.unpack("!Q", _exactly(sock, 8))[0]
+    return head[0] & 0x0F, _exactly(sock, size)
+
+
+def close_code(payload: bytes) -> int:
+    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+

@@ -15,24 +15,11 @@ from collections.abc import Callable
 import jwt
 import pytest
 import websocket
-from conftest import TIMEOUT, Client, Refused, Server, join_url, owner_url, unique, wait_for
+from conftest import TIMEOUT, Client, Refused, Server, client_frame, join_url, owner_url, unique, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from canary.protocol import SEED, ProtocolError, parse_client_frame
-
-
-def masked(opcode: int, payload: bytes) -> bytes:
-    """One client frame (final, masked), as a browser sends it."""
-    mask = os.urandom(4)
-    size = len(payload)
-    if size < 126:
-        head = bytes((0x80 | opcode, 0x80 | size))
-    elif size < 1 << 16:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + struct.pack("!H", size)
-    else:
-        head = bytes((0x80 | opcode, 0x80 | 127)) + struct.pack("!Q", size)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def raw_request(server: Server, path: str, headers: dict[str, str]) -> tuple[bytes, socket.socket]:
@@ -83,7 +70,7 @@ def test_a_member_flooding_frames_is_refused_then_closed_and_others_are_served_m
     host, sid = session(server)
     flooder = Client.connect(join_url(server, sid, "flooder"))
     assert host.recv()["type"] == "member_joined"
-    frame = masked(0x1, json.dumps({"type": "setImageID", "payload": {"imageID": "img"}}).encode()) * 200
+    frame = client_frame(0x1, json.dumps({"type": "setImageID", "payload": {"imageID": "img"}}).encode()) * 200
     stop = threading.Event()
 
     def flood() -> None:
@@ -126,7 +113,7 @@ def test_a_websocket_ping_flood_is_refused_then_closed(server: Server) -> None:
     host, sid = session(server)
     member = Client.connect(join_url(server, sid, "pinger"))
     assert host.recv()["type"] == "member_joined"
-    burst = masked(0x9, b"p") * 2000
+    burst = client_frame(0x9, b"p") * 2000
     try:
         for _ in range(20):
             member.ws.sock.sendall(burst)
@@ -140,7 +127,7 @@ def test_a_websocket_ping_flood_is_refused_then_closed(server: Server) -> None:
 def test_seventy_pipelined_pings_get_seventy_pongs(server: Server) -> None:
     """70 pings in one TCP write used to close the client with 1013 (63 pongs were sent)."""
     host, sid = session(server)
-    host.ws.sock.sendall(masked(0x1, b'{"type":"ping"}') * 70)
+    host.ws.sock.sendall(client_frame(0x1, b'{"type":"ping"}') * 70)
     assert [host.recv()["type"] for _ in range(70)] == ["pong"] * 70
     host.roundtrip()
     assert "1013" not in server.log().split(sid)[-1]
@@ -151,10 +138,10 @@ def test_seventy_pipelined_pings_get_seventy_pongs(server: Server) -> None:
 
 def test_deeply_nested_json_gets_invalid_json_and_the_connection_lives_on(server: Server) -> None:
     host, _ = session(server)
-    host.ws.sock.sendall(masked(0x1, b"[" * 1000 + b"]" * 1000))
+    host.ws.sock.sendall(client_frame(0x1, b"[" * 1000 + b"]" * 1000))
     error = host.recv()
     assert (error["type"], error["code"]) == ("error", "invalid_json")
-    host.ws.sock.sendall(masked(0x1, b'{"type":"ping","payload":' + b"[" * 5000 + b"]" * 5000 + b"}"))
+    host.ws.sock.sendall(client_frame(0x1, b'{"type":"ping","payload":' + b"[" * 5000 + b"]" * 5000 + b"}"))
     assert host.recv()["code"] == "invalid_json"
     host.roundtrip()
     assert "Traceback" not in server.log()
@@ -275,7 +262,7 @@ def test_unsolicited_pongs_do_not_keep_a_silent_peer_alive(server_factory) -> No
     def fake() -> None:
         while not stop.wait(0.3):
             try:
-                faker.ws.sock.sendall(masked(0xA, b"fake"))
+                faker.ws.sock.sendall(client_frame(0xA, b"fake"))
             except OSError:
                 return
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import socket
 import struct
 
 import pytest
-from conftest import TIMEOUT, Client, Server, join_url, owner_url
+from conftest import Client, Server, client_frame, close_code, join_url, owner_url, raw_websocket, read_frame
 from flask_sock import Sock
 
 from canary import sockets
@@ -35,70 +33,25 @@ def test_every_session_socket_route_is_a_flask_sock_wrapper_of_the_one_view() ->
 
 # -- a raw client: exact frames on the wire ------------------------------------------------------------
 
-def _handshake(server: Server, path: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def _exactly(sock: socket.socket, size: int) -> bytes:
-    """`size` bytes, or fewer if the connection ends first."""
-    data = b""
-    while len(data) < size:
-        try:
-            chunk = sock.recv(size - len(data))
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def _read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
-    """The next frame (opcode, payload), or None at the end of the connection."""
-    head = _exactly(sock, 2)
-    if len(head) < 2:
-        return None
-    size = head[1] & 0x7F
-    if size == 126:
-        size = struct.unpack("!H", _exactly(sock, 2))[0]
-    elif size == 127:
-        size = struct.unpack("!Q", _exactly(sock, 8))[0]
-    return head[0] & 0x0F, _exactly(sock, size)
-
-
 def _frames_until_eof(sock: socket.socket) -> list[tuple[int, bytes]]:
     """Every frame the server sends until it closes the TCP connection, answering its close once."""
     frames: list[tuple[int, bytes]] = []
-    while (frame := _read_frame(sock)) is not None:
+    while (frame := read_frame(sock)) is not None:
         frames.append(frame)
-        if frame[0] == 0x8 and _closes(frames) == [struct.unpack("!H", frame[1][:2])[0]]:
-            sock.sendall(_client_frame(0x8, frame[1][:2]))  # answer the close, as a browser does
+        if frame[0] == 0x8 and _closes(frames) == [close_code(frame[1])]:
+            sock.sendall(client_frame(0x8, frame[1][:2]))  # answer the close, as a browser does
     return frames
 
 
-def _client_frame(opcode: int, payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
-
-
 def _closes(frames: list[tuple[int, bytes]]) -> list[int]:
-    return [struct.unpack("!H", payload[:2])[0] for opcode, payload in frames if opcode == 0x8]
+    return [close_code(payload) for opcode, payload in frames if opcode == 0x8]
 
 
 def test_a_server_chosen_close_is_the_only_close_frame(server: Server) -> None:
     batch, owner = server.batch()
     host = Client.connect(owner_url(server, batch, owner))
     sid = host.welcome["sessionID"]
-    member = _handshake(server, f"/sessions/{sid}/join?userID=raw")
+    member = raw_websocket(server, f"/sessions/{sid}/join?userID=raw")
     assert host.recv()["type"] == "member_joined"
     host.close()  # the session ends: the member gets session_closed, then a close frame with 4000
     frames = _frames_until_eof(member)
@@ -113,10 +66,10 @@ def test_a_server_chosen_close_is_the_only_close_frame(server: Server) -> None:
 @pytest.mark.parametrize("code", [1000, 4321])
 def test_a_client_chosen_close_is_echoed_once(server: Server, code: int) -> None:
     batch, owner = server.batch()
-    host = _handshake(server, f"/sessions/{batch}?userID={owner}")
-    opcode, welcome = _read_frame(host)
+    host = raw_websocket(server, f"/sessions/{batch}?userID={owner}")
+    opcode, welcome = read_frame(host)
     assert (opcode, json.loads(welcome)["type"]) == (0x1, "session_created")
-    host.sendall(_client_frame(0x8, struct.pack("!H", code)))
+    host.sendall(client_frame(0x8, struct.pack("!H", code)))
     frames = _frames_until_eof(host)
     assert [op for op, _ in frames] == [0x8]
     assert _closes(frames) == [code]
