@@ -143,7 +143,9 @@ class Client:
         self._next_ping = now + ping_seconds if ping_seconds else float("inf")
         self._tick_queued = False
         self._writing_since = 0.0  # when the write in progress began; 0: none
-        self._writer = gevent.spawn(self._write_loop)
+        # A raw greenlet: a gevent.Greenlet (links, spawn tree, values) costs 1.9 KiB more per client.
+        self._writer = gevent.spawn_raw(self._write_loop)
+        self._writer_ended: Waiter | None = None  # who waits for the writer to end (`stop`)
         _ticker.add(self, min(keepalive_seconds, ping_seconds or keepalive_seconds))
 
     def safe_enqueue(self, frame: Frame) -> bool:
@@ -196,11 +198,20 @@ class Client:
     def stop(self, timeout: float) -> None:
         """Close (if not yet) and wait for the writer to end, killing it if it will not."""
         self._close(1000, "", flush=False)
-        self._writer.join(timeout)
+        self._join_writer(timeout)
         if not self._writer.dead:
             self._connection.abort()
-            self._writer.kill(block=True, timeout=timeout)
+            gevent.kill(self._writer)
+            self._join_writer(timeout)
         _ticker.discard(self)
+
+    def _join_writer(self, timeout: float) -> None:
+        if self._writer.dead:
+            return
+        self._writer_ended = Waiter(self._hub)
+        with gevent.Timeout(timeout, False):
+            self._writer_ended.get()
+        self._writer_ended = None
 
     def _tick(self, now: float) -> None:
         """Called by the ticker about every quarter of the shortest period."""
@@ -273,3 +284,5 @@ class Client:
             self._connection.abort()
         finally:
             _ticker.discard(self)
+            if self._writer_ended is not None:
+                self._hub.loop.run_callback(self._writer_ended.switch, None)

@@ -30,11 +30,15 @@ _Key = tuple[str, str]  # (collection, document ID)
 def _copy(value: Any) -> Any:
     """A deep copy of JSON-like data (dicts, lists, immutable leaves): several times faster
     than `copy.deepcopy`, which matters for session documents with many members."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
+    kind = type(value)
+    if kind is dict:  # leaves are taken as they are without a call: most values are strings
+        return {k: v if type(v) not in _NESTED else _copy(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) not in _NESTED else _copy(v) for v in value]
     return value
+
+
+_NESTED = frozenset((dict, list))
 
 
 class _MemoryWatch(Watch):
