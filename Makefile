@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: run run-firestore test lint bench bench-firestore bench-storm clean
+.PHONY: run run-firestore test lint bench bench-firestore bench-storm bench-idle clean
 
 $(BIN)/gunicorn: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench-firestore: $(BIN)/pytest $(EMULATOR)
 ## bench-storm: 1000 members joining one session at once, then leaving (Firestore behind the proxy, memory).
 bench-storm: $(BIN)/pytest $(EMULATOR)
 	$(BIN)/python bench/storm.py
+
+## bench-idle: 10,000 idle clients on one worker (memory store): RSS, and CPU with keepalives and pings running.
+bench-idle: $(BIN)/pytest
+	$(BIN)/python bench/idle.py
 
 clean:
 	rm -rf $(VENV) tests/emulator/node_modules

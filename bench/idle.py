@@ -1,0 +1,222 @@
+"""Benchmark: many idle clients on one worker (10,000 by default): memory, and CPU while they idle.
+
+Run as ``.venv/bin/python bench/idle.py`` (``make bench-idle``; ``--help`` for the options). It raises the
+open-files limit (the service inherits it), starts one instance of the service on the memory store (gunicorn's
+gevent worker, ``WEB_CONCURRENCY=1``, ``WORKER_CONNECTIONS`` above the client count, default keepalive and ping
+periods) and opens the clients from one asyncio loop: sessions of ``--per-session`` clients, an owner each,
+``--concurrency`` handshakes in flight. Then, for ``--idle`` seconds, every client reads what it is sent, answers
+the service's WebSocket pings (every ``IDLE_TIMEOUT_SECONDS``/2 = 30 s) and sends a ``ping`` message of its own
+every ``--ping-interval`` seconds (the first at a random moment, so the load is even), while the service sends
+its ``keepalive`` every 30 s. Printed: the worker's RSS before and with the clients (KiB per client), its CPU
+(share of one core) and the messages exchanged during the idle window, the ``ping`` → ``pong`` round trips seen
+by the clients (p50/p99/max), and the CPU of the handshakes.
+
+Every wait is bounded; every process started is stopped at the end, also on Ctrl-C; only 127.0.0.1 is spoken to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import firestore_latency as fl
+from fanout import BenchError, cpu_seconds, raise_nofile, settled_rss
+from firestore_latency import ROOT, Server
+from wsclient import CLOSE, PING, PONG, TEXT, Closed, Connection, Refused, close_frame, frame, text
+
+#: Open files the service and this process need besides the clients.
+FD_MARGIN = 1000
+
+
+class Client:
+    """One idle client: reads and counts what it is sent, answers pings, times its own pings."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.received: dict[str, int] = {}
+        self.pings_sent = 0
+        self.round_trips: list[float] = []
+        self._sent_at: float | None = None
+
+    def ping(self) -> None:
+        if self._sent_at is None:  # one outstanding at a time
+            self._sent_at = time.perf_counter()
+            self.pings_sent += 1
+            self.conn.send(text({"type": "ping"}))
+
+    async def read(self) -> None:
+        """Until the connection ends."""
+        with contextlib.suppress(Closed):
+            while True:
+                opcode, payload = await self.conn.recv()
+                if opcode == TEXT:
+                    kind = json.loads(payload).get("type", "?")
+                    self.received[kind] = self.received.get(kind, 0) + 1
+                    if kind == "pong" and self._sent_at is not None:
+                        self.round_trips.append(time.perf_counter() - self._sent_at)
+                        self._sent_at = None
+                elif opcode == PING:
+                    self.received["WebSocket ping"] = self.received.get("WebSocket ping", 0) + 1
+                    self.conn.send(frame(PONG, payload))
+                elif opcode == CLOSE:
+                    return
+
+
+async def open_clients(server: Server, options: Any) -> list[Client]:
+    """Sessions of `options.per_session` clients (an owner and members), `options.clients` in all."""
+    sessions = -(-options.clients // options.per_session)
+    batches = [server.batch(f"idle-{n}") for n in range(sessions)]
+    gate = asyncio.Semaphore(options.concurrency)
+    clients: list[Client] = []
+
+    async def join(path: str, welcome: str) -> dict[str, Any]:
+        async with gate:
+            conn = await Connection.open(server.port, path, options.timeout)
+            message = await conn.message(options.timeout)
+        if message.get("type") != welcome:
+            raise BenchError(f"{path}: {message}")
+        clients.append(Client(conn))
+        return message
+
+    async def session(n: int, size: int) -> None:
+        batch, owner = batches[n]
+        created = await join(f"/sessions/{batch}?userID={owner}", "session_created")
+        sid = created["sessionID"]
+        await asyncio.gather(*(join(f"/sessions/{sid}/join?userID=idle-{n}-{m}", "session_joined")
+                               for m in range(1, size)))
+
+    sizes = [min(options.per_session, options.clients - n * options.per_session) for n in range(sessions)]
+    await asyncio.gather(*(session(n, size) for n, size in enumerate(sizes)))
+    return clients
+
+
+async def measure(server: Server, options: Any) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    pid = server.worker
+    figures["rss_before"] = settled_rss(pid)
+    cpu, began = cpu_seconds(pid), time.monotonic()
+    clients = await open_clients(server, options)
+    figures["connect_s"] = time.monotonic() - began
+    figures["connect_cpu_ms"] = (cpu_seconds(pid) - cpu) / len(clients) * 1000
+    readers = [asyncio.create_task(c.read()) for c in clients]
+    print(f"    {len(clients)} clients connected in {figures['connect_s']:.1f} s "
+          f"(worker CPU {figures['connect_cpu_ms']:.2f} ms per client)", flush=True)
+    figures["rss_with"] = await asyncio.to_thread(settled_rss, pid, 10.0)
+    figures["kib_per_client"] = (figures["rss_with"] - figures["rss_before"]) / len(clients)
+    print(f"    worker RSS {figures['rss_before'] / 1024:.1f} MiB before, {figures['rss_with'] / 1024:.1f} MiB "
+          f"with the clients: {figures['kib_per_client']:.1f} KiB per client", flush=True)
+
+    async def pinger(client: Client) -> None:
+        await asyncio.sleep(random.uniform(0, options.ping_interval))
+        while True:
+            client.ping()
+            await asyncio.sleep(options.ping_interval)
+
+    for c in clients:  # what was received while connecting is not part of the idle window
+        c.received.clear()
+    pingers = [asyncio.create_task(pinger(c)) for c in clients] if options.ping_interval > 0 else []
+    cpu, began = cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(options.idle)
+    idle_cpu, wall = cpu_seconds(pid) - cpu, time.monotonic() - began
+    for task in pingers:
+        task.cancel()
+    figures["idle_core_percent"] = idle_cpu / wall * 100
+    received: dict[str, int] = {}
+    for c in clients:
+        for kind, count in c.received.items():
+            received[kind] = received.get(kind, 0) + count
+    trips = sorted(t for c in clients for t in c.round_trips)
+    figures["received"] = received
+    figures["pings_sent"] = sum(c.pings_sent for c in clients)
+    figures["round_trips"] = len(trips)
+    if trips:
+        figures["rtt_ms"] = {"p50": statistics.median(trips) * 1000,
+                             "p99": trips[min(len(trips) - 1, int(len(trips) * 0.99))] * 1000,
+                             "max": trips[-1] * 1000}
+    figures["rss_after_idle"] = server_rss = await asyncio.to_thread(settled_rss, pid)
+    print(f"    idle {wall:.0f} s: worker CPU {idle_cpu:.2f} s = {figures['idle_core_percent']:.1f}% of one core; "
+          f"the clients received {', '.join(f'{n} {k}' for k, n in sorted(received.items()))}; "
+          f"they sent {figures['pings_sent']} pings, {len(trips)} pongs back"
+          + (f" (round trip p50 {figures['rtt_ms']['p50']:.1f} ms, p99 {figures['rtt_ms']['p99']:.1f} ms, "
+             f"max {figures['rtt_ms']['max']:.1f} ms)" if trips else "")
+          + f"; RSS {server_rss / 1024:.1f} MiB", flush=True)
+
+    for c in clients:
+        c.conn.send(close_frame())
+    _, pending = await asyncio.wait(readers, timeout=options.timeout)
+    for task in pending:
+        task.cancel()
+    for c in clients:
+        c.conn.abort()
+    if pending:
+        raise BenchError(f"{len(pending)} clients not closed within {options.timeout:g} s")
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=10_000, help="idle clients (default 10000)")
+    parser.add_argument("--per-session", type=int, default=50, help="clients per session (default 50)")
+    parser.add_argument("--idle", type=float, default=90.0, help="seconds of idling measured (default 90)")
+    parser.add_argument("--ping-interval", type=float, default=30.0,
+                        help="seconds between a client's ping messages, 0 for none (default 30)")
+    parser.add_argument("--concurrency", type=int, default=200, help="handshakes in flight (default 200)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="longest wait for one step (default 60 s)")
+    parser.add_argument("--project", type=Path, default=ROOT,
+                        help="the tree whose gunicorn.conf.py/wsgi.py is started (default: this repository)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the service's log")
+    options = parser.parse_args()
+    if options.clients < 1 or options.per_session < 1:
+        parser.error("--clients and --per-session must be positive")
+    options.project = options.project.resolve()
+
+    limit = raise_nofile()
+    if limit < options.clients + FD_MARGIN:
+        print(f"the open-files limit is {limit}; {options.clients} clients need {options.clients + FD_MARGIN}",
+              file=sys.stderr)
+        return 2
+    hard = 4 * options.timeout + options.idle + options.clients / 50 + 120
+    threading.Thread(target=fl.watchdog, args=(hard,), daemon=True).start()
+    signal.signal(signal.SIGTERM, fl.interrupted)
+    print(f"Canary Collab: {options.clients} idle clients on one worker")
+    for line in fl.machine():
+        print(f"  {line}")
+    print(f"  open files limit {limit}; the watchdog stops everything after {hard:g} s")
+    log_dir = Path(tempfile.mkdtemp(prefix="canary-idle-"))
+    ok, server = False, None
+    try:
+        server = Server("idle", log_dir, None, project=options.project,
+                        WORKER_CONNECTIONS=str(options.clients + FD_MARGIN // 2))
+        print(f"  service 127.0.0.1:{server.port} (worker {server.worker})", flush=True)
+        figures = asyncio.run(measure(server, options))
+        print(json.dumps({"figures": figures}))
+        ok = True
+    except (BenchError, OSError, Closed, Refused, TimeoutError) as e:
+        print(f"    failed: {e}", flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+    finally:
+        if server is not None:
+            server.stop()
+        if ok and not options.keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            print(f"logs kept in {log_dir}", file=sys.stderr)
+    print(f"{fl.load_average()}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
