@@ -198,7 +198,7 @@ def main() -> int:
     ok, server = False, None
     try:
         server = Server("idle", log_dir, None, project=options.project,
-                        WORKER_CONNECTIONS=str(options.clients + FD_MARGIN // 2))
+                        WORKER_CONNECTIONS=str(options.clients * 21 // 20 + 100))
         print(f"  service 127.0.0.1:{server.port} (worker {server.worker})", flush=True)
         figures = asyncio.run(measure(server, options))
         print(json.dumps({"figures": figures}))

@@ -211,31 +211,36 @@ async def storm(server: Server, store: str, members_n: int, options: Any, emulat
         # -- leaves: every member's close frame at once ----------------------------------------------
         if proxy is not None:
             proxy.reset()
+        # Only connections still open leave now (a service that closed some meanwhile, e.g. with 1013).
+        still_open = [m for m in welcomed if m.ended_at is None]
+        gone_before = len(welcomed) - len(still_open)
         before = usage()
         first = time.perf_counter()
-        for m in welcomed:
+        for m in still_open:
             assert m.conn is not None
             m.conn.send(close_frame(1000))
         deadline = time.monotonic() + timeout
-        readers = [m.reader for m in welcomed if m.reader is not None]
+        readers = [m.reader for m in still_open if m.reader is not None]
         if readers:
             await asyncio.wait(readers, timeout=max(0.01, deadline - time.monotonic()))
-        ended = [m.ended_at for m in welcomed if m.ended_at is not None]
+        ended = [m.ended_at for m in still_open if m.ended_at is not None]
         codes = Counter(str(m.conn.close_code) for m in welcomed if m.conn is not None)
         converged, seen = await poll(listed.count, lambda n: n == 0, deadline, options.poll_interval)
         after = usage()
         await asyncio.sleep(SETTLE if proxy is not None else 0)
         rows.append({
-            "store": store, "phase": "leave", "members": len(welcomed), "done": len(ended),
-            "refused": {}, "codes": dict(codes), "last": seconds(max(ended, default=None), first),
+            "store": store, "phase": "leave", "members": len(still_open), "done": len(ended),
+            "refused": {"ended before the leave": gone_before} if gone_before else {}, "codes": dict(codes),
+            "last": seconds(max(ended, default=None), first),
             "p50": f"{(statistics.median(ended) - first) * 1000:.0f}" if ended else "-",
             "welcomed": "-", "converged": seconds(converged, first), "listed": seen,
             "calls": calls(), "cpu": {k: after[k] - before[k] for k in after},
         })
-        print(f"    leave storm: {len(ended)} of {len(welcomed)} connections ended (last after "
+        print(f"    leave storm: {len(ended)} of {len(still_open)} connections ended (last after "
               f"{rows[-1]['last']} s); the session document "
               + (f"listed nobody after {rows[-1]['converged']} s" if converged is not None
-                 else f"still listed {seen} member(s) after {timeout:g} s"), flush=True)
+                 else f"still listed {seen} member(s) after {timeout:g} s")
+              + (f"; {gone_before} had ended before the leave" if gone_before else ""), flush=True)
     finally:
         for m in members:
             if m.reader is not None:
@@ -297,7 +302,8 @@ def report(rows: list[dict[str, Any]], options: Any) -> None:
             f"{cpu['proxy']:.2f}" if "proxy" in cpu else "-",
         ])
         if r["refused"]:
-            notes.append(f"  {r['store']} {r['phase']}: not admitted: {r['refused']}")
+            notes.append(f"  {r['store']} {r['phase']}: "
+                         f"{'not admitted' if r['phase'] == 'join' else 'not leaving'}: {r['refused']}")
         if r.get("codes"):
             notes.append(f"  {r['store']} {r['phase']}: the service's close codes: {r['codes']}")
         if r["converged"] == "-":

@@ -69,8 +69,11 @@ def query_documents(collection: str) -> Response:
 @bp.get("/stats")
 def stats() -> Response:
     """Live sessions, participants and watches; with ``?greenlets=1``, live greenlets too; with ``?watch=1``,
-    how the store carries the watches (Firestore: its Listen stream and targets)."""
-    body: dict[str, int] = {**services().sessions.stats(), "store_watches": _store().watch_count()}
+    how the store carries the watches (Firestore: its Listen stream and targets); with ``?gc=1``, the
+    process's garbage-collector settings."""
+    body: dict[str, Any] = {**services().sessions.stats(), "store_watches": _store().watch_count()}
+    if request.args.get("gc"):
+        body.update(gc_threshold=list(gc.get_threshold()), gc_frozen=gc.get_freeze_count())
     if request.args.get("watch"):
         body.update(_store().watch_stats())
     if request.args.get("greenlets"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import signal
 import socket
 import urllib.error
@@ -104,6 +105,16 @@ def test_without_a_token_metrics_answer_loopback_only(server: Server) -> None:
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"http://{outside}:{server.port}/metrics", timeout=TIMEOUT)
     assert caught.value.code == 403
+
+
+def test_workers_collect_garbage_on_the_tuned_schedule(server: Server) -> None:
+    # gunicorn.conf.py's post_worker_init: young objects collected every 10,000 allocations (not 700), and
+    # what start-up allocated frozen out of full collections (docs/benchmarks.md has the figures).
+    status, _, body = server.request("GET", "/dev/stats?gc=1")
+    assert status == 200, body
+    stats = json.loads(body)
+    assert stats["gc_threshold"] == [10_000, 10, 10]
+    assert stats["gc_frozen"] > 10_000
 
 
 def _non_loopback_address() -> str | None:
