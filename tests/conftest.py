@@ -104,12 +104,12 @@ class Emulator:
             self.process.terminate()
             self.process.wait(timeout=10)
 
-    def client(self) -> Any:
-        """A google-cloud-firestore client on this emulator, for the tests themselves."""
+    def client(self, project: str | None = None) -> Any:
+        """A google-cloud-firestore client on this emulator (`project`: the tests' own by default)."""
         from google.cloud import firestore
 
         os.environ["FIRESTORE_EMULATOR_HOST"] = self.host
-        return firestore.Client(project=FIRESTORE_PROJECT)
+        return firestore.Client(project=project or FIRESTORE_PROJECT)
 
 
 FIRESTORE_PROJECT = "demo-canary-tests"
@@ -220,10 +220,13 @@ class Server:
                 self.process.wait()
 
 
-def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | None = None, **env: str) -> Server:
+def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | None = None,
+                 project: str = FIRESTORE_PROJECT, **env: str) -> Server:
     """Start the service on `emulator` (None: the memory store), reaching it through the proxy `via` if given.
 
     `Server.firestore`, the tests' own client, always talks to the emulator directly (not counted by `via`).
+    `project` keeps a test's processes apart from every other test's: each process cleans up after the
+    dead processes of its project, with its own graces.
     """
     if via is not None and emulator is None:
         raise ValueError("a proxy needs an emulator behind it")
@@ -240,14 +243,14 @@ def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | No
     }
     full_env.pop("FIRESTORE_EMULATOR_HOST", None)
     if emulator is not None:
-        full_env.update(FIRESTORE_EMULATOR_HOST=(via or emulator).host, GCP_PROJECT_ID=FIRESTORE_PROJECT)
+        full_env.update(FIRESTORE_EMULATOR_HOST=(via or emulator).host, GCP_PROJECT_ID=project)
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
         cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     server = Server(port, process, log_path, "memory" if emulator is None else "firestore",
-                    emulator.client() if emulator is not None else None)
+                    emulator.client(project) if emulator is not None else None)
 
     def healthy() -> bool:
         if process.poll() is not None:

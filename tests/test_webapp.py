@@ -394,17 +394,20 @@ def test_development_without_a_secret_still_checks_session_tokens(server: Server
 
 def test_a_member_that_never_opens_its_socket_is_removed(server_factory: Callable[..., Server]) -> None:
     server = server_factory(SESSION_TOKEN_SECONDS="1", RECONNECT_GRACE_SECONDS="1", PROCESS_LEASE_SECONDS="1")
-    batch, owner_id = server.batch()
-    owner = WebApp(server, owner_id, secret=None)
-    sid = owner.create(batch)["sessionID"]
-    host = owner.enter(sid)
-    ann = member(server, "ann", secret=None)
-    ann.join(sid)
-    assert host.recv()["type"] == "member_joined"
-    left = host.recv(timeout=30)  # its token (1 s) and then the reconnect grace (1 s) run out
-    assert (left["type"], left["memberID"]) == ("member_left", ann.user)
-    assert server.doc("sessions", sid)["members"] == []
-    owner.call("DELETE", f"/sessions/{sid}?userID={owner.user}")
+    try:
+        batch, owner_id = server.batch()
+        owner = WebApp(server, owner_id, secret=None)
+        sid = owner.create(batch)["sessionID"]
+        host = owner.enter(sid)
+        ann = member(server, "ann", secret=None)
+        ann.join(sid)
+        assert host.recv()["type"] == "member_joined"
+        left = host.recv(timeout=30)  # its token (1 s) and then the reconnect grace (1 s) run out
+        assert (left["type"], left["memberID"]) == ("member_left", ann.user)
+        assert server.doc("sessions", sid)["members"] == []
+        owner.call("DELETE", f"/sessions/{sid}?userID={owner.user}")
+    finally:
+        server.stop()  # its 1 s graces would apply to other tests' processes that stop (see test_processes.py)
 
 
 def test_plain_requests_where_neither_api_has_a_meaning(server: Server) -> None:
