@@ -165,9 +165,10 @@ class Server:
     """One instance: ``gunicorn -c gunicorn.conf.py wsgi:app``, bound to 127.0.0.1."""
 
     def __init__(self, name: str, log_dir: Path, emulator: Emulator | None, *, project: Path = ROOT,
-                 firestore_host: str | None = None, **extra_env: str) -> None:
+                 firestore_host: str | None = None, config: str = "gunicorn.conf.py", **extra_env: str) -> None:
         """On `emulator` (reached at `firestore_host` if given: a proxy), or on the memory store (None), from
-        the tree `project` (its gunicorn.conf.py and wsgi.py, run with this Python)."""
+        the tree `project` (its wsgi.py and, unless `config` names another, its gunicorn.conf.py, run with this
+        Python)."""
         self.name = name
         self.port = free_port()
         self.log = log_dir / f"server-{name}.log"
@@ -181,7 +182,7 @@ class Server:
                        GCP_PROJECT_ID=PROJECT)
         env.update(extra_env)
         # The command line's bind wins over gunicorn.conf.py's 0.0.0.0.
-        self.process = spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+        self.process = spawn([sys.executable, "-m", "gunicorn", "-c", config,
                               "-b", f"127.0.0.1:{self.port}", "wsgi:app"], project, self.log, env)
         try:
             wait_until(self._healthy, 30, f"instance {name} to answer /health")

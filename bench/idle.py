@@ -11,6 +11,11 @@ its ``keepalive`` every 30 s. Printed: the worker's RSS before and with the clie
 (share of one core) and the messages exchanged during the idle window, the ``ping`` → ``pong`` round trips seen
 by the clients (p50/p99/max), and the CPU of the handshakes.
 
+With ``--tracemalloc`` the worker runs under tracemalloc (``bench/tracemalloc_conf.py``) and the Python memory
+that each client adds is also printed by owner: gunicorn's request, wsproto's connection state, Flask's request
+context, greenlet stacks saved while parked, the service's own objects... (RSS and CPU are then inflated by
+tracemalloc itself: take those figures from a run without it).
+
 Every wait is bounded; every process started is stopped at the end, also on Ctrl-C; only 127.0.0.1 is spoken to.
 """
 
@@ -20,7 +25,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import linecache
+import pickle
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -32,12 +40,58 @@ from pathlib import Path
 from typing import Any
 
 import firestore_latency as fl
-from fanout import BenchError, cpu_seconds, raise_nofile, settled_rss
+from fanout import BENCH, BenchError, cpu_seconds, raise_nofile, settled_rss
 from firestore_latency import ROOT, Server
 from wsclient import CLOSE, PING, PONG, TEXT, Closed, Connection, Refused, close_frame, frame, text
 
 #: Open files the service and this process need besides the clients.
 FD_MARGIN = 1000
+
+
+#: With --tracemalloc, who holds what a client adds: the first owner whose marker is in the path of the innermost
+#: traced frame; an allocation made on a line that switches greenlets is the stack slice saved while parked.
+OWNERS = (("gunicorn/", "gunicorn: the request (parser, message, environ)"),
+          ("wsproto/", "wsproto / h11: the handshake and connection state"),
+          ("/h11/", "wsproto / h11: the handshake and connection state"),
+          ("/flask/", "Flask / Werkzeug: the request context"),
+          ("/werkzeug/", "Flask / Werkzeug: the request context"),
+          ("flask_sock/", "flask-sock / simple-websocket"),
+          ("simple_websocket/", "flask-sock / simple-websocket"),
+          ("/gevent/", "gevent: greenlets, sockets, the pool"),
+          ("/canary/", "the service's own objects (session logic, client, budget, store)"))
+PARKED = "greenlet stacks saved while parked (the handler's and the writer's)"
+SWITCHES = re.compile(r"\.(_wait|wait|get|switch|join)\(")
+
+
+def owner(frame: Any) -> str:
+    if SWITCHES.search(linecache.getline(frame.filename, frame.lineno)):
+        return PARKED
+    return next((name for marker, name in OWNERS if marker in frame.filename), "other")
+
+
+async def snapshot(folder: Path, name: str, timeout: float) -> Any:
+    """Ask the worker (bench/tracemalloc_conf.py) for a tracemalloc snapshot and load it."""
+    (folder / f"{name}.want").touch()
+    answer, deadline = folder / f"{name}.snapshot", time.monotonic() + timeout
+    while not answer.exists():
+        if time.monotonic() > deadline:
+            raise BenchError(f"no tracemalloc snapshot from the worker within {timeout:g} s")
+        await asyncio.sleep(0.2)
+    return pickle.loads(answer.read_bytes())
+
+
+def print_owners(before: Any, after: Any, clients: int) -> dict[str, float]:
+    by_owner: dict[str, float] = {}
+    for stat in after.compare_to(before, "traceback"):
+        name = owner(stat.traceback[-1])
+        by_owner[name] = by_owner.get(name, 0.0) + stat.size_diff / 1024 / clients
+    print("    Python memory each client added (tracemalloc), by owner:")
+    for name, kib in sorted(by_owner.items(), key=lambda item: -item[1]):
+        if abs(kib) >= 0.05:
+            print(f"      {kib:6.2f} KiB  {name}")
+    print(f"      {sum(by_owner.values()):6.2f} KiB  in all (traced Python allocations; RSS adds the allocator's "
+          "own overhead and what C code allocates)", flush=True)
+    return by_owner
 
 
 class Client:
@@ -106,6 +160,7 @@ async def measure(server: Server, options: Any) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     pid = server.worker
     figures["rss_before"] = settled_rss(pid)
+    traced = await snapshot(options.tracemalloc_dir, "before", options.timeout) if options.tracemalloc else None
     cpu, began = cpu_seconds(pid), time.monotonic()
     clients = await open_clients(server, options)
     figures["connect_s"] = time.monotonic() - began
@@ -117,6 +172,9 @@ async def measure(server: Server, options: Any) -> dict[str, Any]:
     figures["kib_per_client"] = (figures["rss_with"] - figures["rss_before"]) / len(clients)
     print(f"    worker RSS {figures['rss_before'] / 1024:.1f} MiB before, {figures['rss_with'] / 1024:.1f} MiB "
           f"with the clients: {figures['kib_per_client']:.1f} KiB per client", flush=True)
+    if traced is not None:
+        figures["traced_kib_per_client"] = print_owners(
+            traced, await snapshot(options.tracemalloc_dir, "with", options.timeout), len(clients))
 
     async def pinger(client: Client) -> None:
         await asyncio.sleep(random.uniform(0, options.ping_interval))
@@ -177,6 +235,8 @@ def main() -> int:
     parser.add_argument("--project", type=Path, default=ROOT,
                         help="the tree whose gunicorn.conf.py/wsgi.py is started (default: this repository)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the service's log")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="also print the Python memory per client by owner (RSS and CPU are then inflated)")
     options = parser.parse_args()
     if options.clients < 1 or options.per_session < 1:
         parser.error("--clients and --per-session must be positive")
@@ -197,8 +257,13 @@ def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="canary-idle-"))
     ok, server = False, None
     try:
+        traced: dict[str, str] = {}
+        if options.tracemalloc:
+            options.tracemalloc_dir = log_dir / "tracemalloc"
+            options.tracemalloc_dir.mkdir()
+            traced = {"config": str(BENCH / "tracemalloc_conf.py"), "TRACEMALLOC_DIR": str(options.tracemalloc_dir)}
         server = Server("idle", log_dir, None, project=options.project,
-                        WORKER_CONNECTIONS=str(options.clients * 21 // 20 + 100))
+                        WORKER_CONNECTIONS=str(options.clients * 21 // 20 + 100), **traced)
         print(f"  service 127.0.0.1:{server.port} (worker {server.worker})", flush=True)
         figures = asyncio.run(measure(server, options))
         print(json.dumps({"figures": figures}))
