@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import websocket
 from grpc_proxy import Proxy
+from prometheus_client.parser import text_string_to_metric_families
 
 from canary.dev import as_json
 
@@ -397,8 +398,10 @@ class Client:
         message = self.recv(skip=("keepalive", *skip))
         assert message["type"] == "pong", f"expected only {skip} before the pong, got {message}"
 
-    def closed_with(self, timeout: float = TIMEOUT, skip: tuple[str, ...] = ("keepalive",)) -> int:
-        """Read until the close frame and return its code (1006 if the TCP connection just ended)."""
+    def closed_with(self, timeout: float = TIMEOUT, skip: tuple[str, ...] = ("keepalive",),
+                    seen: list[dict[str, Any]] | None = None) -> int:
+        """Read until the close frame and return its code (1006 if the TCP connection just ended). Messages
+        before it must be of a type in `skip`, unless `seen` is given: then they are all collected there."""
         self.ws.settimeout(timeout)
         while True:
             try:
@@ -409,7 +412,10 @@ class Client:
                 return struct.unpack("!H", frame.data[:2])[0] if len(frame.data) >= 2 else 1005
             if frame.opcode == websocket.ABNF.OPCODE_TEXT:
                 message = json.loads(frame.data)
-                assert message["type"] in skip, f"expected the close, got {message}"
+                if seen is not None:
+                    seen.append(message)
+                else:
+                    assert message["type"] in skip, f"expected the close, got {message}"
 
     def close(self) -> None:
         self.ws.close()
@@ -458,6 +464,19 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
         head = bytes(((0x80 if fin else 0) | rsv << 4 | opcode, (0x80 if mask else 0) | 127)) + struct.pack("!Q", size)
     body = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if mask else payload
     return head + key + body
+
+
+def scrape(server: Server, token: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: {(name, sorted labels): value}."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, _, body = server.request("GET", "/metrics", headers=headers)
+    assert status == 200, body
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def raw_websocket(server: Server, path: str) -> socket.socket:

@@ -534,6 +534,10 @@ def test_mux_opens_one_stream_on_first_add_and_reopens_it_with_every_target(
         serve(second, {new_ids[0]: [doc("kp/1"), doc("kp/2")], new_ids[1]: []})
         assert a.wait(2) == ["kp/1", "kp/2"]
         assert mux.stats()["stream_reopens"] == 3, "every attempt counts"
+        # A barrier: snapshots are delivered in order by one thread, so once `a` has the next one, any
+        # delivery to `b` from the snapshot above has happened.
+        second.push(changed(doc("kp/3"), new_ids[0]), snapshot())
+        assert a.wait(3) == ["kp/1", "kp/2", "kp/3"]
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "UNAVAILABLE: socket closed" in warnings[0].getMessage()
@@ -627,8 +631,11 @@ def test_unlisten_sends_remove_and_close_ends_everything(fake: tuple[FakeServer,
     wait_for(lambda: any(r.remove_target == ia for r in call.requests), what="the remove_target")
     assert mux.stats()["query_targets"] == 0
     serve(call, {ia: [doc("kp/1")]})
-    mux.listen(query_spec("i2"), Recorder("b"))
-    call.adds(2)
+    b = Recorder("b")
+    mux.listen(query_spec("i2"), b)
+    [_, ib] = call.adds(2)
+    serve(call, {ib: [doc("kp/2")]})
+    assert b.wait(1) == ["kp/2"]  # a barrier: what was served for `ia` before has been handled
     assert a.calls == []
     threads = {t.name for t in threading.enumerate()}
     assert {"firestore-listen", "firestore-listen-supervisor"} <= threads

@@ -7,14 +7,12 @@ import base64
 import json
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 
 import jwt
 import pytest
-import websocket
 from conftest import TIMEOUT, Client, Refused, Server, client_frame, join_url, owner_url, unique, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,21 +39,6 @@ def upgrade_headers(**overrides: str) -> dict[str, str]:
                "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}
     headers.update(overrides)
     return {k: v for k, v in headers.items() if v}
-
-
-def until_closed(client: Client) -> tuple[list[dict], int]:
-    """The messages a client receives up to its close frame, and the close code (1006 without one)."""
-    messages = []
-    client.ws.settimeout(TIMEOUT)
-    while True:
-        try:
-            frame = client.ws.recv_frame()
-        except (OSError, websocket.WebSocketConnectionClosedException):
-            return messages, 1006
-        if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
-            return messages, struct.unpack("!H", frame.data[:2])[0]
-        if frame.opcode == websocket.ABNF.OPCODE_TEXT:
-            messages.append(json.loads(frame.data))
 
 
 def session(server: Server) -> tuple[Client, str]:
@@ -98,9 +81,9 @@ def test_a_member_flooding_frames_is_refused_then_closed_and_others_are_served_m
         stop.set()
         thread.join(TIMEOUT)
     # The flooder was told once, then closed for going on; the others never waited for it.
-    messages, code = until_closed(flooder)
+    messages: list[dict] = []
+    assert flooder.closed_with(seen=messages) == 1008
     assert [m["code"] for m in messages if m["type"] == "error"] == ["rate_limited"]
-    assert code == 1008
     assert "closing member 'flooder'" in server.log()
     assert "with 1008" in server.log()
     assert max(pongs) < 1.0, f"pong round trips while flooded: max {max(pongs):.3f} s"
@@ -121,6 +104,8 @@ def test_a_websocket_ping_flood_is_refused_then_closed(server: Server) -> None:
         pass  # closed by the server meanwhile
     left = host.recv(timeout=10)
     assert (left["type"], left["memberID"]) == ("member_left", "pinger")
+    assert member.closed_with() == 1008
+    assert "closing member 'pinger'" in server.log()
     host.close()
 
 

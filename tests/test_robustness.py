@@ -7,7 +7,7 @@ import time
 
 import jwt
 import pytest
-from conftest import Client, Refused, Server, join_url, owner_url, wait_for
+from conftest import Client, Refused, Server, join_url, owner_url, scrape, value, wait_for
 
 SECRET = "test-secret-for-canary-" + "0123456789abcdef" * 3
 
@@ -79,6 +79,8 @@ def test_a_client_that_stops_reading_is_closed_with_1013_and_leaves(server_facto
     assert slow.closed_with(timeout=30, skip=("member_joined", "member_left", "keepalive")) == 1013
     assert "closing member 'slow'" in server.log()
     assert "with 1013" in server.log()
+    wait_for(lambda: value(scrape(server), "canary_closes_total", code="1013") >= 1,
+             what="the drop counted in /metrics")
     host.roundtrip_after(skip=("member_left",))
     host.close()
 
