@@ -62,7 +62,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
                               passwords=BcryptPasswords(offload=lambda fn, *args: threadpool.apply(fn, args)),
                               inbound=InboundLimits(config.inbound_frames_per_second, config.set_image_id_per_second),
                               max_clients=config.client_capacity, max_per_user=config.max_connections_per_user,
-                              on_commit=metrics.commit)
+                              max_per_address=config.max_connections_per_address, on_commit=metrics.commit)
     sessions.start()
     gevent.spawn(_maintain, sessions, config.process_lease_seconds / 3)
     gevent.spawn(_refresh_metrics, sessions, store)

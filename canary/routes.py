@@ -73,10 +73,10 @@ def _user() -> str:
 
 
 @socket_route(bp, "/sessions/<batch_id>", endpoint="create_session", vocabulary=SEED)
-def _admit_owner(batch_id: str) -> Admission:
-    return services().sessions.open_session(batch_id, _user())
+def _admit_owner(batch_id: str, address: str | None) -> Admission:
+    return services().sessions.open_session(batch_id, _user(), address)
 
 
 @socket_route(bp, "/sessions/<session_id>/join", endpoint="join_session", vocabulary=SEED)
-def _admit_member(session_id: str) -> Admission:
-    return services().sessions.join_session(session_id, _user())
+def _admit_member(session_id: str, address: str | None) -> Admission:
+    return services().sessions.join_session(session_id, _user(), address)

@@ -74,6 +74,8 @@ class Admission:
     user_id: str
     role: str
     state: SessionState
+    #: The client address its connection counts against (`max_per_address`); None: not capped.
+    address: str | None = None
 
     @property
     def session_id(self) -> str:
@@ -208,12 +210,16 @@ class SessionManager:
                  token_seconds: float = 60.0, passwords: Passwords | None = None,
                  inbound: InboundLimits | None = None, monotonic: Callable[[], float] = time.monotonic,
                  max_clients: int | None = None, max_per_user: int | None = None,
+                 max_per_address: int | None = None,
                  on_commit: Callable[[int, int], None] | None = None) -> None:
         self._store = store
         self.lease_held = False  # the last lease renewal succeeded and the process is not stopping
         self._max_clients = max_clients
         self._max_per_user = max_per_user
-        self._per_user: Counter[str] = Counter()  # connections admitted or connected, by user
+        self._max_per_address = max_per_address
+        self._being_admitted = 0  # admissions under way (asking the store), not yet in `_admitting`
+        self._per_user: Counter[str] = Counter()  # connections being admitted, admitted or connected, by user
+        self._per_address: Counter[str] = Counter()  # the same, by capped client address
         self._clock = clock
         self._monotonic = monotonic
         self._inbound = inbound or InboundLimits()
@@ -251,13 +257,31 @@ class SessionManager:
         if self._stopping:
             raise Refusal(503, "the service is restarting; connect again")
 
-    def _check_capacity(self, user_id: str) -> None:
-        """Refuse a new connection, before anything is written, when this process or this user has enough."""
+    @contextmanager
+    def _place(self, user_id: str, address: str | None) -> Iterator[None]:
+        """Hold a place for a new connection while it is admitted (the store is asked meanwhile, and other
+        admissions run): refused at once, before anything is written, when this process, this user or this
+        address has enough; given back if the admission fails."""
         self._check_running()
-        if self._max_clients is not None and len(self._admitting) + len(self._connections) >= self._max_clients:
+        if self._max_clients is not None and \
+                self._being_admitted + len(self._admitting) + len(self._connections) >= self._max_clients:
             raise Refusal(503, "this server is full; try again in a moment", headers={"Retry-After": "5"})
         if self._max_per_user is not None and self._per_user[user_id] >= self._max_per_user:
             raise Refusal(429, "too many connections of this user are open")
+        if address is not None and self._max_per_address is not None and \
+                self._per_address[address] >= self._max_per_address:
+            raise Refusal(429, "too many connections from this address")
+        self._being_admitted += 1
+        self._per_user[user_id] += 1
+        if address is not None:
+            self._per_address[address] += 1
+        try:
+            yield
+        except BaseException:
+            self._released(user_id, address)
+            raise
+        finally:
+            self._being_admitted -= 1
 
     def _owned_batch(self, batch_id: str, user_id: str) -> str:
         """The project of `batch_id`, if `user_id` owns it; else raise `Refusal` (404, 403)."""
@@ -272,9 +296,13 @@ class SessionManager:
             raise Refusal(403, "only the project's owner can create a session")
         return project_id
 
-    def open_session(self, batch_id: str, user_id: str) -> Admission:
-        """Create a session on `batch_id` owned by `user_id` (or resume it), or raise `Refusal`."""
-        self._check_capacity(user_id)
+    def open_session(self, batch_id: str, user_id: str, address: str | None = None) -> Admission:
+        """Create a session on `batch_id` owned by `user_id` (or resume it), or raise `Refusal`. `address`: the
+        client address the connection counts against (None: not capped)."""
+        with self._place(user_id, address):
+            return self._admitted(user_id, OWNER, self._own(batch_id, user_id), address)
+
+    def _own(self, batch_id: str, user_id: str) -> SessionState:
         project_id = self._owned_batch(batch_id, user_id)
         email = self._records.emails([user_id])[user_id]
 
@@ -282,23 +310,23 @@ class SessionManager:
             return self._records.create(batch_id, project_id, user_id, email)
 
         try:
-            return self._admitted(user_id, OWNER, create())
+            return create()
         except AlreadyExists:
             pass
         resumed = self._records.resume_owner(batch_id, user_id)
         if resumed is not None:
-            return self._admitted(user_id, OWNER, resumed)
+            return resumed
         if self._records.clear_stale_lock(batch_id):
             try:
-                return self._admitted(user_id, OWNER, create())
+                return create()
             except AlreadyExists:
                 pass
         raise Refusal(409, f"a session is already live for batch {batch_id!r}")
 
-    def join_session(self, session_id: str, user_id: str) -> Admission:
+    def join_session(self, session_id: str, user_id: str, address: str | None = None) -> Admission:
         """Add `user_id` to the session's members (or give its place back), or raise `Refusal`."""
-        self._check_capacity(user_id)
-        return self._admitted(user_id, MEMBER, self._records.join(session_id, user_id))
+        with self._place(user_id, address):
+            return self._admitted(user_id, MEMBER, self._records.join(session_id, user_id), address)
 
     # -- admission: the web app's API (REST, then a socket with a session token) ----------------
     def create_session(self, batch_id: str, user_id: str, password: str | None = None,
@@ -343,11 +371,13 @@ class SessionManager:
         pending = timedelta(seconds=self._token_seconds + self._reconnect_grace)
         return Grant(MEMBER, self._records.join(session_id, user_id, email, pending=pending))
 
-    def attach(self, session_id: str, user_id: str, role: str, issued_at: datetime) -> Admission:
+    def attach(self, session_id: str, user_id: str, role: str, issued_at: datetime,
+               address: str | None = None) -> Admission:
         """A web-app socket with a session token issued at `issued_at`: the store is checked again (the
         session exists, the owner is its owner, a member is listed and was not removed since)."""
-        self._check_capacity(user_id)
-        return self._admitted(user_id, role, self._records.attach(session_id, user_id, role, issued_at))
+        with self._place(user_id, address):
+            return self._admitted(user_id, role, self._records.attach(session_id, user_id, role, issued_at),
+                                  address)
 
     def kick(self, session_id: str, caller: str, member_id: str) -> None:
         """The owner removes a member: it is told (`member_kicked`, then 4001), the others see it leave, and
@@ -380,21 +410,23 @@ class SessionManager:
     def _password_ok(self, password: str, hashed: str) -> bool:
         return self._passwords is not None and self._passwords.verify(password, hashed)
 
-    def _admitted(self, user_id: str, role: str, state: SessionState) -> Admission:
+    def _admitted(self, user_id: str, role: str, state: SessionState, address: str | None) -> Admission:
         self._admitting.add(state.connection)
-        self._per_user[user_id] += 1
-        return Admission(user_id, role, state)
+        return Admission(user_id, role, state, address)
 
-    def _released(self, user_id: str) -> None:
-        self._per_user[user_id] -= 1
-        if self._per_user[user_id] <= 0:
-            del self._per_user[user_id]
+    def _released(self, user_id: str, address: str | None) -> None:
+        """A connection's place is free again (see `_place`)."""
+        for counts, key in ((self._per_user, user_id), (self._per_address, address)):
+            if key is not None:
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]
 
     def abandon(self, admission: Admission) -> None:
         """Undo an admission whose upgrade failed: as if the client left at once."""
         sid, uid = admission.session_id, admission.user_id
         self._admitting.discard(admission.connection)
-        self._released(uid)
+        self._released(uid, admission.address)
         try:
             if admission.role == MEMBER:
                 self._records.leave(sid, uid, admission.connection)
@@ -415,7 +447,7 @@ class SessionManager:
         """Register an upgraded client: welcome it and tell the others."""
         state, sid, uid = admission.state, admission.session_id, admission.user_id
         # A participant keeps its admission, not the member list of the moment (O(members) each).
-        kept = Admission(uid, admission.role, replace(state, members=()))
+        kept = replace(admission, state=replace(state, members=()))
         participant = Participant(kept, peer, vocabulary, InboundBudget(self._inbound, self._monotonic()))
         participant.watches = ImageWatches(self._listeners, sid, participant.tell)
         self._admitting.discard(state.connection)
@@ -498,7 +530,7 @@ class SessionManager:
         connection = participant.admission.connection
         if self._connections.get(connection) is participant:
             del self._connections[connection]
-            self._released(participant.user_id)
+            self._released(participant.user_id, participant.admission.address)
         participant.gone = True
         live = self._live.get(participant.session_id)
         if live is None or not live.remove(participant):

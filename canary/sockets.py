@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,8 +44,8 @@ _CLOSE_TIMEOUT_SECONDS = 2.0
 #: flask-sock: routes the WebSocket upgrades (its routes are registered on the blueprints).
 sock = Sock()
 
-#: What a socket route's admission does: turn the request (its URL values) into an `Admission`, or raise
-#: `Refusal`.
+#: What a socket route's admission does: turn the request (its URL values, and `address`: the client address
+#: its connection counts against, None if not capped) into an `Admission`, or raise `Refusal`.
 Admit = Callable[..., Admission]
 
 
@@ -72,8 +71,6 @@ class _SocketRoute:
 
 
 _routes: dict[str, _SocketRoute] = {}
-#: Sockets admitted or open in this process, by client address (`MAX_CONNECTIONS_PER_ADDRESS`).
-_per_address: Counter[str] = Counter()
 
 
 def socket_route(bp: Blueprint, rule: str, *, endpoint: str, vocabulary: Vocabulary) -> Callable[[Admit], Admit]:
@@ -107,6 +104,8 @@ def refusals(bp: Blueprint, render: Render, *, store_unavailable: str, handshake
     @bp.errorhandler(HandshakeError)
     @bp.errorhandler(OSError)
     def handshake_error(e: Exception) -> Response:
+        if "admission" not in g:  # not an admitted upgrade whose handshake failed: an error like any other
+            raise e
         log.info("WebSocket handshake failed: %r", e)
         return render(400, handshake_failed)
 
@@ -131,23 +130,14 @@ def admit() -> None:
     address = peer_address(request.environ, config.trusted_proxies)
     # A client on this machine (a local proxy not declared in TRUSTED_PROXIES, a benchmark) is not capped
     # by address: all of a local proxy's clients would share one cap.
-    if _per_address[address] >= config.max_connections_per_address and not is_loopback(address):
-        raise Refusal(429, "too many connections from this address")
+    capped = None if is_loopback(address) else address
     g.admit_started = time.monotonic()
     try:
-        g.admission = route.admit(**(request.view_args or {}))
+        g.admission = route.admit(address=capped, **(request.view_args or {}))
     except Exception:
         metrics.ADMISSION.observe(time.monotonic() - g.admit_started)
         raise
-    g.address = address
-    _per_address[address] += 1
     prepare(request.environ)
-
-
-def _release(address: str) -> None:
-    _per_address[address] -= 1
-    if _per_address[address] <= 0:
-        del _per_address[address]
 
 
 def undo_unserved(_error: BaseException | None) -> None:
@@ -156,15 +146,13 @@ def undo_unserved(_error: BaseException | None) -> None:
     if admission is not None:
         log.info("upgrade failed for %s in session %s", admission.user_id, admission.session_id)
         services().sessions.abandon(admission)
-        _release(g.pop("address"))
 
 
 def serve(ws: Server, **_ids: str) -> None:
     """Serve an admitted client over flask-sock's `ws` until it is gone."""
     svc = services()
     config = svc.config
-    admission: Admission = g.pop("admission")
-    address: str = g.pop("address")
+    admission: Admission = g.admission  # popped once connected: until then `undo_unserved` undoes it
     vocabulary = _routes[request.endpoint or ""].vocabulary
     connection = Connection(ws)
     name = f"{admission.role} {admission.user_id!r} of session {admission.session_id}"
@@ -178,21 +166,25 @@ def serve(ws: Server, **_ids: str) -> None:
     client = Client(connection, name=name, max_bytes=config.client_queue_bytes,
                     keepalive_seconds=config.keepalive_seconds, keepalive=keepalive,
                     ping_seconds=config.idle_timeout_seconds / 2, write_timeout=config.idle_timeout_seconds)
-    participant = svc.sessions.connect(admission, client, vocabulary)
-    del admission  # the participant keeps a slim copy: this frame lives as long as the connection
-    metrics.ADMISSION.observe(time.monotonic() - g.pop("admit_started"))
-    log_upgrade(request.environ, 101, request.url_rule.rule if request.url_rule else "-",
-                trusted_proxies=config.trusted_proxies, userID=participant.user_id, role=role, sessionID=session_id)
-    context = {"sessionID": session_id, "userID": participant.user_id, "role": role}  # JSON logs' fields
-    log.info("%s connected", name, extra=context)
     try:
+        participant = svc.sessions.connect(admission, client, vocabulary)
+    except BaseException:
+        client.stop(timeout=0)
+        raise
+    del g.admission, admission  # the participant keeps a slim copy: this frame lives as long as the connection
+    context = {"sessionID": session_id, "userID": participant.user_id, "role": role}  # JSON logs' fields
+    try:
+        metrics.ADMISSION.observe(time.monotonic() - g.pop("admit_started"))
+        log_upgrade(request.environ, 101, request.url_rule.rule if request.url_rule else "-",
+                    trusted_proxies=config.trusted_proxies, userID=participant.user_id, role=role,
+                    sessionID=session_id)
+        log.info("%s connected", name, extra=context)
         connection.serve(lambda message: metrics.received(svc.sessions.receive(participant, message)),
                          lambda: svc.sessions.ping_allowed(participant))
     finally:
         svc.sessions.disconnect(participant)
         client.stop(timeout=config.idle_timeout_seconds)
         connection.finish(timeout=_CLOSE_TIMEOUT_SECONDS)
-        _release(address)
         metrics.CLOSES.labels(str(connection.close_code)).inc()
         log.info("%s disconnected (close code %s)", name, connection.close_code,
                  extra={**context, "closeCode": connection.close_code})

@@ -149,7 +149,7 @@ def upgrade_required(**_ids: str) -> Response:
     return response
 
 
-def _attach(session_id: str, role: str) -> Admission:
+def _attach(session_id: str, role: str, address: str | None) -> Admission:
     """A web-app socket: its session token, its login token, then the store (sessions.attach)."""
     svc = services()
     token = request.args.get("token", "")
@@ -164,14 +164,14 @@ def _attach(session_id: str, role: str) -> Admission:
             raise Refusal(401, "auth failed") from None
     if role == OWNER and not claims.batch_id:
         raise Refusal(400, "missing batch id")
-    return svc.sessions.attach(session_id, claims.user_id, role, claims.issued_at)
+    return svc.sessions.attach(session_id, claims.user_id, role, claims.issued_at, address)
 
 
 @socket_route(bp, "/sessions/<session_id>/ws/create", endpoint="ws_create", vocabulary=WEBAPP)
-def _admit_owner(session_id: str) -> Admission:
-    return _attach(session_id, OWNER)
+def _admit_owner(session_id: str, address: str | None) -> Admission:
+    return _attach(session_id, OWNER, address)
 
 
 @socket_route(bp, "/sessions/<session_id>/ws/join", endpoint="ws_join", vocabulary=WEBAPP)
-def _admit_member(session_id: str) -> Admission:
-    return _attach(session_id, MEMBER)
+def _admit_member(session_id: str, address: str | None) -> Admission:
+    return _attach(session_id, MEMBER, address)

@@ -362,3 +362,43 @@ def test_abandon_a_member_admission(manager: SessionManager, store: MemoryStore)
     manager.abandon(admission)
     assert member_ids(store, sid) == ["bob"]
     assert manager.join_session(sid, "alice").members == ("bob", "alice")
+
+
+class AdmitsMeanwhile(MemoryStore):
+    """A store during whose next transaction `meanwhile` runs: another admission while one asks the store
+    (under gevent, any store call lets other requests run)."""
+
+    meanwhile: Any = None
+
+    def transaction(self, fn: Any) -> Any:
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
+        return super().transaction(fn)
+
+
+def test_caps_count_an_admission_from_its_start_and_give_a_refused_ones_place_back() -> None:
+    store = AdmitsMeanwhile(SEED)
+    manager = SessionManager(store, max_per_address=1, max_per_user=1)
+    sid = manager.open_session("b1", "owner").session_id
+    refused: list[int] = []
+
+    def bob_from_the_same_address() -> None:
+        try:
+            manager.join_session(sid, "bob", "10.0.0.1")
+        except Refusal as e:
+            refused.append(e.status)
+
+    store.meanwhile = bob_from_the_same_address
+    alice = manager.join_session(sid, "alice", "10.0.0.1")
+    assert refused == [429], "alice's admission held the address's only place while it asked the store"
+    with pytest.raises(Refusal) as caught:
+        manager.join_session("no-such-session", "carol", "10.0.0.2")
+    assert caught.value.status == 404
+    manager.join_session(sid, "carol", "10.0.0.2")  # the refused admission gave its place back
+    with pytest.raises(Refusal) as caught:
+        manager.join_session(sid, "dave", "10.0.0.1")
+    assert caught.value.status == 429
+    manager.abandon(alice)
+    manager.join_session(sid, "dave", "10.0.0.1")
+    manager.join_session(sid, "erin")  # no address: not capped by address
