@@ -64,10 +64,10 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
                               max_clients=config.client_capacity, max_per_user=config.max_connections_per_user,
                               max_per_address=config.max_connections_per_address, on_commit=metrics.commit)
     sessions.start()
-    gevent.spawn(_maintain, sessions, config.process_lease_seconds / 3)
-    gevent.spawn(_refresh_metrics, sessions, store)
+    gevent.spawn(_every, config.process_lease_seconds / 3, sessions.maintain)
+    metrics.refresh(sessions, store)
+    gevent.spawn(_every, METRICS_REFRESH_SECONDS, lambda: metrics.refresh(sessions, store))
     app.extensions["canary"] = sockets.Services(config, sessions, auth, tokens, store)
-    app.config["METRICS_TOKEN"] = config.metrics_token
     app.register_blueprint(routes.bp)
     app.register_blueprint(webapp.bp)
     app.register_blueprint(metrics.bp)
@@ -121,23 +121,18 @@ def _hub_deferral() -> Callable[[Callable[[], None]], None]:
     return defer
 
 
-def _refresh_metrics(sessions: SessionManager, store: Store) -> None:
-    while True:
-        try:
-            metrics.refresh(sessions, store)
-        except Exception:  # a metric must never end the refresher
-            log.exception("metrics refresh failed")
-        gevent.sleep(METRICS_REFRESH_SECONDS)
-
-
 #: How often each process publishes its gauges (clients, sessions, targets, streams, lease).
 METRICS_REFRESH_SECONDS = 1.0
 
 
-def _maintain(sessions: SessionManager, interval: float) -> None:
+def _every(interval: float, task: Callable[[], None]) -> None:
+    """Run `task` every `interval` seconds for the life of the process: a failure is logged, never the end."""
     while True:
         gevent.sleep(interval)
-        sessions.maintain()
+        try:
+            task()
+        except Exception:
+            log.exception("periodic task %s failed", getattr(task, "__qualname__", task))
 
 
 def _install_cors(app: Flask, config: Config) -> None:

@@ -33,6 +33,14 @@ _SESSION_ID = ("The session's ID (the `sessionID` answered by `POST /sessions/<b
                "`GET /sessions/active`).")
 
 
+def _query(name: str, description: str) -> dict[str, Any]:
+    """The JSON schema of a socket's query string: its one required parameter, and the login token."""
+    return {"type": "object", "required": [name], "properties": {
+        name: {"type": "string", "minLength": 1, "description": description},
+        "auth": _AUTH,
+    }}
+
+
 class Channel(NamedTuple):
     """One socket route of an API: its AsyncAPI channel."""
 
@@ -53,20 +61,14 @@ CHANNELS: dict[str, tuple[Channel, ...]] = {
             "owner's and its first message is `session_created`. Opened with `GET` (a `POST` carrying the "
             "upgrade headers is accepted too).",
             {"batchID": "The batch to open (or resume) a session for."},
-            {"type": "object", "required": ["userID"], "properties": {
-                "userID": {"type": "string", "minLength": 1, "description": "The owner's user ID."},
-                "auth": _AUTH,
-            }},
+            _query("userID", "The owner's user ID."),
         ),
         Channel(
             "seedJoin", "/sessions/{sessionID}/join", "The seed's member socket",
             "The upgrade itself joins the session; the first message is `session_joined`. Opened with `GET` (a "
             "`POST` carrying the upgrade headers is accepted too).",
             {"sessionID": "The session to join (the `sessionID` of the owner's `session_created`)."},
-            {"type": "object", "required": ["userID"], "properties": {
-                "userID": {"type": "string", "minLength": 1, "description": "The joining member's user ID."},
-                "auth": _AUTH,
-            }},
+            _query("userID", "The joining member's user ID."),
         ),
     ),
     protocol.WEBAPP.name: (
@@ -76,12 +78,8 @@ CHANNELS: dict[str, tuple[Channel, ...]] = {
             "session token of `POST /sessions/<sessionID>/join`. No welcome message: the members are told "
             "`owner_joined`. The session outlives the socket; it ends when the owner stops it.",
             {"sessionID": _SESSION_ID},
-            {"type": "object", "required": ["token"], "properties": {
-                "token": {"type": "string", "minLength": 1,
-                          "description": "The owner's session token from `POST /sessions/<sessionID>/join` "
-                                         "(an HS256 JWT for this session, valid for `SESSION_TOKEN_SECONDS`)."},
-                "auth": _AUTH,
-            }},
+            _query("token", "The owner's session token from `POST /sessions/<sessionID>/join` "
+                            "(an HS256 JWT for this session, valid for `SESSION_TOKEN_SECONDS`)."),
         ),
         Channel(
             "webappJoin", "/sessions/{sessionID}/ws/join", "The web app's member socket",
@@ -89,12 +87,8 @@ CHANNELS: dict[str, tuple[Channel, ...]] = {
             "/sessions/<sessionID>/join`, which lists the member in the session). No welcome message: the others "
             "were told `member_joined` at the REST join.",
             {"sessionID": _SESSION_ID},
-            {"type": "object", "required": ["token"], "properties": {
-                "token": {"type": "string", "minLength": 1,
-                          "description": "The member's session token from `POST /sessions/<sessionID>/join` "
-                                         "(an HS256 JWT for this session, valid for `SESSION_TOKEN_SECONDS`)."},
-                "auth": _AUTH,
-            }},
+            _query("token", "The member's session token from `POST /sessions/<sessionID>/join` "
+                            "(an HS256 JWT for this session, valid for `SESSION_TOKEN_SECONDS`)."),
         ),
     ),
 }
@@ -165,9 +159,6 @@ def server_message_keys() -> dict[ServerMessage, str]:
         for message in vocabulary.messages.values():
             if message not in keys:
                 keys[message] = message.type if len(types[message.type]) == 1 else f"{message.type}.{vocabulary.name}"
-    clash = set(keys.values()) & set(CLIENT_MESSAGES)
-    if clash:
-        raise ValueError(f"server and client messages share the names {sorted(clash)}")
     return keys
 
 

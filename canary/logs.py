@@ -203,8 +203,9 @@ def configure(env: Mapping[str, str] | None = None) -> None:
 
     access = logging.getLogger(ACCESS_LOGGER)
     access.propagate = False
-    access.setLevel(logging.INFO)
     target = env.get("ACCESS_LOG") or None
+    # Without a target nothing is logged there, and `log_upgrade` does not even build its line.
+    access.setLevel(logging.INFO if target else logging.CRITICAL + 1)
     if target is None:
         _install(access, logging.NullHandler())
     else:

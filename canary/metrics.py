@@ -34,7 +34,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from .logs import is_loopback
+from .auth import bearer_token
+from .logs import is_loopback, peer_address
 from .protocol import Frame
 from .sessions import SessionManager
 from .store import Store
@@ -54,7 +55,7 @@ LEASE_HELD = Gauge("canary_process_lease_held", "Processes holding a live lease 
 MESSAGES_SENT = Counter("canary_messages_sent", "Messages written to clients, by type", ["type"])
 FRAMES_RECEIVED = Counter("canary_frames_received", "Client frames handled, by message type or refusal",
                           ["type"])
-REFUSALS = Counter("canary_refusals", "HTTP refusals (before any upgrade), by status", ["status"])
+REFUSALS = Counter("canary_refusals", "HTTP answers of status 400 and above, by status", ["status"])
 CLOSES = Counter("canary_closes", "WebSocket connections ended, by close code (1006: none)", ["code"])
 STORE_ERRORS = Counter("canary_store_errors", "Failed store calls, by kind", ["kind"])
 COMMITS = Counter("canary_membership_commits", "Membership transactions committed")
@@ -72,21 +73,24 @@ bp = Blueprint("metrics", __name__)
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    token = current_app.config.get("METRICS_TOKEN")
-    if token:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return _denied(401, "metrics need Authorization: Bearer <METRICS_TOKEN>")
-    elif not is_loopback(request.remote_addr):
-        return _denied(403, "metrics answer loopback clients only (set METRICS_TOKEN to scrape from elsewhere)")
+    from .routes import error  # the service's refusal shape
+
+    config = current_app.extensions["canary"].config
+    if config.metrics_token:
+        given = bearer_token(request.headers.get("Authorization"), None) or ""
+        if not hmac.compare_digest(given.encode(), config.metrics_token.encode()):
+            return error(401, "metrics need Authorization: Bearer <METRICS_TOKEN>")
+    elif not is_loopback(peer_address(request.environ, config.trusted_proxies)):  # a local proxy's client is not
+        return error(403, "metrics answer loopback clients only (set METRICS_TOKEN to scrape from elsewhere)")
     return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
 
 
-def _denied(status: int, message: str) -> Response:
-    from .routes import error  # the service's refusal shape
-
-    REFUSALS.labels(str(status)).inc()
-    return error(status, message)
+@bp.after_app_request
+def _count_refusal(response: Response) -> Response:
+    """Every refusal of every route, counted once, whoever rendered it."""
+    if response.status_code >= 400:
+        REFUSALS.labels(str(response.status_code)).inc()
+    return response
 
 
 def _registry() -> CollectorRegistry:
@@ -112,7 +116,7 @@ def refresh(sessions: SessionManager, store: Store) -> None:
     refresh (messages, frames, the store's failures)."""
     for (role, api), count in sessions.client_counts().items():
         CLIENTS.labels(role, api).set(count)
-    SESSIONS.set(sessions.stats()["sessions"])
+    SESSIONS.set(sessions.session_count)
     watch = store.watch_stats()
     IMAGE_TARGETS.set(watch["query_targets"])
     SESSION_TARGETS.set(watch["document_targets"])

@@ -13,7 +13,6 @@ import logging
 
 from flask import Blueprint, Response, jsonify, request
 
-from . import metrics
 from .auth import bearer_token
 from .errors import Refusal
 from .protocol import SEED
@@ -27,7 +26,6 @@ bp = Blueprint("canary", __name__)
 
 def error(status: int, message: str) -> Response:
     """The JSON body every refusal carries: ``{"error", "status"}``."""
-    metrics.REFUSALS.labels(str(status)).inc()
     response = jsonify(error=message, status=status)
     response.status_code = status
     return response

@@ -243,6 +243,11 @@ class SessionManager:
         return self._records.process_id
 
     @property
+    def session_count(self) -> int:
+        """Sessions this process holds clients of."""
+        return len(self._live)
+
+    @property
     def stopping(self) -> bool:
         """Whether this process is restarting (it takes no new clients)."""
         return self._stopping

@@ -22,7 +22,6 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from . import metrics
 from .auth import bearer_token
 from .errors import Refusal
 from .protocol import WEBAPP
@@ -37,7 +36,6 @@ bp = Blueprint("webapp", __name__)
 
 def text_error(status: int, message: str) -> Response:
     """A refusal as the web app shows it: the reason, as text."""
-    metrics.REFUSALS.labels(str(status)).inc()
     response = Response(f"{message}\n", status=status, mimetype="text/plain")
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response

@@ -26,6 +26,7 @@ from conftest import (
     value,
     wait_for,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @pytest.fixture
@@ -104,6 +105,27 @@ def test_without_a_token_metrics_answer_loopback_only(server: Server) -> None:
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"http://{outside}:{server.port}/metrics", timeout=TIMEOUT)
     assert caught.value.code == 403
+
+
+def test_behind_a_declared_proxy_metrics_answer_the_proxy_s_own_clients_only() -> None:
+    from canary.app import create_app
+    from canary.config import Config
+    from canary.memory_store import MemoryStore
+
+    client = create_app(Config(trusted_proxies=1), MemoryStore()).test_client()
+    local_proxy = {"REMOTE_ADDR": "127.0.0.1"}
+
+    def refused() -> dict[str, float]:  # this test process's counts (other in-process apps count here too)
+        body = client.get("/metrics", environ_base=local_proxy).get_data(as_text=True)
+        return {s.labels["status"]: s.value for family in text_string_to_metric_families(body)
+                for s in family.samples if s.name == "canary_refusals_total"}
+
+    before = refused()
+    forwarded = client.get("/metrics", environ_base=local_proxy, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert forwarded.status_code == 403
+    after = refused()
+    assert after.get("403", 0) - before.get("403", 0) == 1, "counted once"
+    assert {k: v for k, v in after.items() if k != "403"} == {k: v for k, v in before.items() if k != "403"}
 
 
 def test_workers_collect_garbage_on_the_tuned_schedule(server: Server) -> None:

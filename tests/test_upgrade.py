@@ -31,6 +31,18 @@ def test_every_session_socket_route_is_a_flask_sock_wrapper_of_the_one_view() ->
         assert rules[endpoint].websocket
 
 
+def test_an_os_error_of_a_rest_call_is_not_taken_for_a_failed_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(Config(), MemoryStore())
+    sessions = app.extensions["canary"].sessions
+
+    def reset(*_args: object) -> None:
+        raise ConnectionResetError("the store's connection was reset")
+
+    monkeypatch.setattr(sessions, "stop", reset)
+    response = app.test_client().delete("/sessions/some-session?userID=alice")
+    assert response.status_code == 500, response.data  # an error like any other, not "400 handshake failed"
+
+
 # -- a raw client: exact frames on the wire ------------------------------------------------------------
 
 def _frames_until_eof(sock: socket.socket) -> list[tuple[int, bytes]]:
