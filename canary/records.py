@@ -166,12 +166,14 @@ class SessionRecords:
                     del self._writers[session_id]
 
     # -- sessions ----------------------------------------------------------------
-    def create(self, batch_id: str, project_id: str, owner_id: str, email: str, *, persistent: bool = False,
-               password_hash: str | None = None, connected: bool = True) -> SessionState:
-        """Write a new session (and, if `connected`, its owner's presence); raises `AlreadyExists` if the batch
-        has one. A `persistent` session lives until it is stopped; one created with nobody connected
-        starts with its owner away."""
-        session_id, connection = auto_id(), (auto_id() if connected else "")
+    def create(self, batch_id: str, project_id: str, owner_id: str, email: str, *, connection: str | None = None,
+               persistent: bool = False, password_hash: str | None = None) -> SessionState:
+        """Write a new session and, unless `connection` is "" (nobody connected), its owner's presence on
+        `connection` (a new one if None); raises `AlreadyExists` if the batch has one. A `persistent` session
+        lives until it is stopped; one created with nobody connected starts with its owner away."""
+        session_id = auto_id()
+        connection = auto_id() if connection is None else connection
+        connected = bool(connection)
         now = self._clock()
         doc: Data = {"owner": {"id": owner_id, "email": email}, "batchID": batch_id, "projectID": project_id,
                      "members": [], "lastUpdated": now}
@@ -195,12 +197,13 @@ class SessionRecords:
         self._store.transaction(create)
         return SessionState.of(session_id, doc, connection=connection)
 
-    def resume_owner(self, batch_id: str, owner_id: str) -> SessionState | None:
-        """Give the batch's live session back to its owner, if the owner's socket is gone."""
+    def resume_owner(self, batch_id: str, owner_id: str, connection: str | None = None) -> SessionState | None:
+        """Give the batch's live session back to its owner, on `connection` (a new one if None), if the owner's
+        socket is gone."""
         lock = self._store.get(SESSION_LOCKS, batch_id)
         if lock is None:
             return None
-        return self._submit(lock["sessionID"], _ResumeOwner(owner_id, auto_id()))
+        return self._submit(lock["sessionID"], _ResumeOwner(owner_id, connection or auto_id()))
 
     def clear_stale_lock(self, batch_id: str) -> bool:
         """Remove the batch's lock if its session no longer exists; True if the way is free."""
@@ -215,20 +218,23 @@ class SessionRecords:
 
         return self._store.transaction(clear)
 
-    def join(self, session_id: str, user_id: str, email: str | None = None, *,
+    def join(self, session_id: str, user_id: str, email: str | None = None, *, connection: str | None = None,
              pending: timedelta | None = None) -> SessionState:
-        """Add a member, or give a member whose socket is gone (a restart) its place back.
+        """Add a member on `connection` (a new one if None), or give a member whose socket is gone (a restart)
+        its place back.
 
         Without `email`, the user's is read (for every join of a commit at once).
         With `pending` (a web-app join, before any socket), the member is listed
         but not connected: it is removed if no socket of its attaches within
         `pending`.
         """
-        return self._submit(session_id, _Join(user_id, email, "" if pending else auto_id(), pending))
+        return self._submit(session_id, _Join(user_id, email, "" if pending else connection or auto_id(), pending))
 
-    def attach(self, session_id: str, user_id: str, role: str, issued_at: datetime) -> SessionState:
-        """A web-app socket of a listed user, with a session token issued at `issued_at`."""
-        return self._submit(session_id, _Attach(user_id, role, auto_id(), issued_at))
+    def attach(self, session_id: str, user_id: str, role: str, issued_at: datetime,
+               connection: str | None = None) -> SessionState:
+        """A web-app socket of a listed user on `connection` (a new one if None), with a session token issued
+        at `issued_at`."""
+        return self._submit(session_id, _Attach(user_id, role, connection or auto_id(), issued_at))
 
     def kick(self, session_id: str, caller: str, member_id: str) -> datetime:
         """The owner `caller` removes `member_id`; tokens issued before now no longer attach it."""
@@ -332,7 +338,7 @@ class SessionRecords:
                 else:
                     log.info("member %r of session %s did not come back: removing it", data["userID"],
                              data["sessionID"])
-                expiries.setdefault(data["sessionID"], []).append(_Expire(data["userID"], until))
+                expiries.setdefault(data["sessionID"], []).append(_Expire(data["userID"], until, data["role"] == OWNER))
         self._apply_all(expiries)
 
     def _apply_all(self, changes: dict[str, list[_Change]]) -> None:
@@ -341,10 +347,10 @@ class SessionRecords:
         failed = None
         for session_id, of_session in changes.items():
             for ticket in self._submit_all(session_id, of_session):
-                if isinstance(ticket.error, StoreError):
+                if ticket.error is not None:
                     failed = ticket.error
         if failed is not None:
-            raise failed
+            raise failed  # before the caller goes on as if these were done (e.g. forgets a dead process)
 
 
 class OwnerLeft(NamedTuple):
@@ -385,8 +391,6 @@ class _Batch:
         presence = self.presence.get(user_id)
         if presence is None or presence.get("away"):
             return False
-        if user_id in self._presence_changed:
-            return True  # admitted by an earlier change of this very commit
         if presence.get("process") == self.records.process_id:
             return self.records._holds(presence.get("connection", ""))
         lease = self._leases.get(presence.get("process", ""))
@@ -601,7 +605,10 @@ class _OwnerLeaves(_Change):
     owner_id: str
     connection: str
     grace_seconds: float
-    may_end = True
+
+    @property
+    def may_end(self) -> bool:
+        return self.grace_seconds <= 0  # with a grace, the session waits for its owner
 
     def users(self, doc: Data | None) -> tuple[str, ...]:
         return (self.owner_id,)
@@ -687,7 +694,11 @@ class _Expire(_Change):
 
     user_id: str
     until: datetime
-    may_end = True
+    owner: bool
+
+    @property
+    def may_end(self) -> bool:
+        return self.owner
 
     def users(self, doc: Data | None) -> tuple[str, ...]:
         return (self.user_id,)
@@ -696,7 +707,7 @@ class _Expire(_Change):
         presence = batch.presence.get(self.user_id)
         if presence is None or presence.get("graceUntil") != self.until:
             return  # came back, or another process removed it first
-        if presence["role"] == OWNER:
+        if self.owner:
             if batch.doc is not None:
                 batch.end()
             else:
@@ -707,7 +718,7 @@ class _Expire(_Change):
             batch.update(members=[m for m in batch.members() if m["id"] != self.user_id])
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: field by field, it compared the changes too
 class _Ticket:
     change: _Change
     done: threading.Event = field(default_factory=threading.Event)
@@ -754,9 +765,12 @@ class _Writer:
                         with self._lock:
                             batch = self._queue[:MAX_CHANGES_PER_COMMIT]
                             del self._queue[:MAX_CHANGES_PER_COMMIT]
-                        self._commit(batch)
-                        for other in batch:
-                            if other not in mine:
+                        try:
+                            self._commit(batch)
+                        finally:
+                            for other in batch:
+                                if not other.finished:  # the commit was cut short (this caller was killed)
+                                    other.error, other.finished = StoreError("the membership commit stopped"), True
                                 other.done.set()
                     else:
                         ticket.done.wait()
@@ -814,9 +828,15 @@ class _Writer:
             if not isinstance(e, StoreError):
                 log.exception("membership commit of session %s failed", sid)
             outcomes = [(None, e)] * len(tickets)
+            committed = False
         else:
+            committed = True
             records.commits += 1
             records.changes += len(tickets)
-            records.on_commit(len(tickets), writes)
         for ticket, (result, error) in zip(tickets, outcomes, strict=True):
             ticket.result, ticket.error, ticket.finished = result, error, True
+        if committed:
+            try:
+                records.on_commit(len(tickets), writes)
+            except Exception:  # counting it must not undo what was committed
+                log.exception("the commit of session %s was not counted", sid)

@@ -217,7 +217,6 @@ class SessionManager:
         self._max_clients = max_clients
         self._max_per_user = max_per_user
         self._max_per_address = max_per_address
-        self._being_admitted = 0  # admissions under way (asking the store), not yet in `_admitting`
         self._per_user: Counter[str] = Counter()  # connections being admitted, admitted or connected, by user
         self._per_address: Counter[str] = Counter()  # the same, by capped client address
         self._clock = clock
@@ -263,30 +262,30 @@ class SessionManager:
             raise Refusal(503, "the service is restarting; connect again")
 
     @contextmanager
-    def _place(self, user_id: str, address: str | None) -> Iterator[None]:
+    def _place(self, user_id: str, address: str | None) -> Iterator[str]:
         """Hold a place for a new connection while it is admitted (the store is asked meanwhile, and other
         admissions run): refused at once, before anything is written, when this process, this user or this
-        address has enough; given back if the admission fails."""
+        address has enough; given back if the admission fails. Yields the connection's ID, held by this
+        process (`_holds`) from now on: a second admission of the same user meanwhile finds it connected."""
         self._check_running()
-        if self._max_clients is not None and \
-                self._being_admitted + len(self._admitting) + len(self._connections) >= self._max_clients:
+        if self._max_clients is not None and len(self._admitting) + len(self._connections) >= self._max_clients:
             raise Refusal(503, "this server is full; try again in a moment", headers={"Retry-After": "5"})
         if self._max_per_user is not None and self._per_user[user_id] >= self._max_per_user:
             raise Refusal(429, "too many connections of this user are open")
         if address is not None and self._max_per_address is not None and \
                 self._per_address[address] >= self._max_per_address:
             raise Refusal(429, "too many connections from this address")
-        self._being_admitted += 1
+        connection = auto_id()
+        self._admitting.add(connection)
         self._per_user[user_id] += 1
         if address is not None:
             self._per_address[address] += 1
         try:
-            yield
+            yield connection
         except BaseException:
+            self._admitting.discard(connection)
             self._released(user_id, address)
             raise
-        finally:
-            self._being_admitted -= 1
 
     def _owned_batch(self, batch_id: str, user_id: str) -> str:
         """The project of `batch_id`, if `user_id` owns it; else raise `Refusal` (404, 403)."""
@@ -304,21 +303,21 @@ class SessionManager:
     def open_session(self, batch_id: str, user_id: str, address: str | None = None) -> Admission:
         """Create a session on `batch_id` owned by `user_id` (or resume it), or raise `Refusal`. `address`: the
         client address the connection counts against (None: not capped)."""
-        with self._place(user_id, address):
-            return self._admitted(user_id, OWNER, self._own(batch_id, user_id), address)
+        with self._place(user_id, address) as connection:
+            return Admission(user_id, OWNER, self._own(batch_id, user_id, connection), address)
 
-    def _own(self, batch_id: str, user_id: str) -> SessionState:
+    def _own(self, batch_id: str, user_id: str, connection: str) -> SessionState:
         project_id = self._owned_batch(batch_id, user_id)
         email = self._records.emails([user_id])[user_id]
 
         def create() -> SessionState:
-            return self._records.create(batch_id, project_id, user_id, email)
+            return self._records.create(batch_id, project_id, user_id, email, connection=connection)
 
         try:
             return create()
         except AlreadyExists:
             pass
-        resumed = self._records.resume_owner(batch_id, user_id)
+        resumed = self._records.resume_owner(batch_id, user_id, connection)
         if resumed is not None:
             return resumed
         if self._records.clear_stale_lock(batch_id):
@@ -330,8 +329,8 @@ class SessionManager:
 
     def join_session(self, session_id: str, user_id: str, address: str | None = None) -> Admission:
         """Add `user_id` to the session's members (or give its place back), or raise `Refusal`."""
-        with self._place(user_id, address):
-            return self._admitted(user_id, MEMBER, self._records.join(session_id, user_id), address)
+        with self._place(user_id, address) as connection:
+            return Admission(user_id, MEMBER, self._records.join(session_id, user_id, connection=connection), address)
 
     # -- admission: the web app's API (REST, then a socket with a session token) ----------------
     def create_session(self, batch_id: str, user_id: str, password: str | None = None,
@@ -344,8 +343,8 @@ class SessionManager:
             email = self._records.emails([user_id])[user_id]
 
         def create() -> SessionState:
-            return self._records.create(batch_id, project_id, user_id, email, persistent=True,
-                                        password_hash=hashed, connected=False)
+            return self._records.create(batch_id, project_id, user_id, email, connection="", persistent=True,
+                                        password_hash=hashed)
 
         try:
             return create()
@@ -380,9 +379,9 @@ class SessionManager:
                address: str | None = None) -> Admission:
         """A web-app socket with a session token issued at `issued_at`: the store is checked again (the
         session exists, the owner is its owner, a member is listed and was not removed since)."""
-        with self._place(user_id, address):
-            return self._admitted(user_id, role, self._records.attach(session_id, user_id, role, issued_at),
-                                  address)
+        with self._place(user_id, address) as connection:
+            return Admission(user_id, role, self._records.attach(session_id, user_id, role, issued_at, connection),
+                             address)
 
     def kick(self, session_id: str, caller: str, member_id: str) -> None:
         """The owner removes a member: it is told (`member_kicked`, then 4001), the others see it leave, and
@@ -414,10 +413,6 @@ class SessionManager:
 
     def _password_ok(self, password: str, hashed: str) -> bool:
         return self._passwords is not None and self._passwords.verify(password, hashed)
-
-    def _admitted(self, user_id: str, role: str, state: SessionState, address: str | None) -> Admission:
-        self._admitting.add(state.connection)
-        return Admission(user_id, role, state, address)
 
     def _released(self, user_id: str, address: str | None) -> None:
         """A connection's place is free again (see `_place`)."""

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from canary import records as records_module
 from canary.errors import Refusal
@@ -92,15 +93,6 @@ def queued(records: SessionRecords, sid: str) -> int:
     return len(writer._queue) if writer else 0
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    done = threading.Event()
-    for _ in range(int(WAIT / 0.005)):
-        if condition():
-            return
-        done.wait(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def held(store: GatedStore, session: str) -> Iterator[GatedStore]:
     """The store, with `session` in it, and its gate closed (opened again at the end whatever happens)."""
@@ -117,7 +109,7 @@ def test_changes_queued_during_a_commit_go_in_the_next_one(records: SessionRecor
     assert held.waiting.wait(WAIT)  # the first join's commit is held at the gate
     for i in range(49):
         callers.start(lambda i=i: records.join(session, f"m{i}", ""))
-    wait_until(lambda: queued(records, session) == 49, "49 joins queued behind the first")
+    wait_for(lambda: queued(records, session) == 49, what="49 joins queued behind the first")
     held.gate.set()
     results = callers.join()
     assert all(not isinstance(r, BaseException) for r in results), results
@@ -129,6 +121,24 @@ def test_changes_queued_during_a_commit_go_in_the_next_one(records: SessionRecor
     assert records._writers == {}, "an idle writer is dropped"
 
 
+def test_a_failure_after_a_commit_leaves_no_caller_waiting(records: SessionRecords, held: GatedStore,
+                                                           session: str) -> None:
+    def fail(_changes: int, _writes: int) -> None:
+        raise RuntimeError("the metrics are broken")
+
+    records.on_commit = fail
+    callers = Callers()
+    callers.start(lambda: records.join(session, "first", ""))
+    assert held.waiting.wait(WAIT)
+    callers.start(lambda: records.join(session, "second", ""))
+    callers.start(lambda: records.join(session, "third", ""))
+    wait_for(lambda: queued(records, session) == 2, what="2 joins queued behind the first")
+    held.gate.set()
+    results = callers.join()  # every caller returns (the third was a waiter in the second's commit)
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert member_ids(held, session) == ["first", "second", "third"]
+
+
 def test_a_refused_change_does_not_fail_the_others_of_its_commit(records: SessionRecords, held: GatedStore,
                                                                  session: str) -> None:
     callers = Callers()
@@ -137,7 +147,7 @@ def test_a_refused_change_does_not_fail_the_others_of_its_commit(records: Sessio
     callers.start(lambda: records.join(session, "ann", ""))
     callers.start(lambda: records.join(session, "owner", ""))  # the owner cannot join its own session
     callers.start(lambda: records.join(session, "bob", ""))
-    wait_until(lambda: queued(records, session) == 3, "3 joins queued")
+    wait_for(lambda: queued(records, session) == 3, what="3 joins queued")
     held.gate.set()
     _first, ann, owner, bob = callers.join()
     assert isinstance(owner, Refusal)
@@ -165,7 +175,7 @@ def test_a_commit_carries_at_most_the_maximum(records: SessionRecords, held: Gat
     assert held.waiting.wait(WAIT)
     for i in range(10):
         callers.start(lambda i=i: records.join(session, f"m{i}", ""))
-    wait_until(lambda: queued(records, session) == 10, "10 joins queued")
+    wait_for(lambda: queued(records, session) == 10, what="10 joins queued")
     held.gate.set()
     callers.join()
     assert records.commits - before == 1 + 3  # 10 queued changes, 4 at most per commit
@@ -202,7 +212,7 @@ def test_the_end_and_changes_after_it_in_one_commit(records: SessionRecords, hel
     assert held.waiting.wait(WAIT)
     callers.start(lambda: records.owner_left(session, "owner", owner_connection, 0))
     callers.start(lambda: records.join(session, "late", ""))
-    wait_until(lambda: queued(records, session) == 2, "2 changes queued")
+    wait_for(lambda: queued(records, session) == 2, what="2 changes queued")
     held.gate.set()
     _first, left, late = callers.join()
     assert left.ended
@@ -219,8 +229,7 @@ def test_the_same_user_twice_in_one_commit_is_admitted_once(records: SessionReco
     assert held.waiting.wait(WAIT)
     callers.start(lambda: records.join(session, "twin", ""))
     callers.start(lambda: records.join(session, "twin", ""))
-    wait_until(lambda: queued(records, session) == 2, "2 joins queued")
-    records._holds = lambda connection: False  # neither twin has connected yet
+    wait_for(lambda: queued(records, session) == 2, what="2 joins queued")
     held.gate.set()
     _first, *twins = callers.join()
     refused = [r for r in twins if isinstance(r, Refusal)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -402,3 +403,31 @@ def test_caps_count_an_admission_from_its_start_and_give_a_refused_ones_place_ba
     manager.abandon(alice)
     manager.join_session(sid, "dave", "10.0.0.1")
     manager.join_session(sid, "erin")  # no address: not capped by address
+
+
+
+def test_a_second_connection_of_a_user_admitted_meanwhile_is_refused(manager: SessionManager) -> None:
+    sid = manager.open_session("b1", "owner").session_id
+    records, join = manager._records, manager._records.join
+    outcomes: list[Any] = []
+
+    def join_then_another(*args: Any, **kwargs: Any) -> Any:
+        """alice's join is committed; before her admission goes on, a second one of hers (another greenlet or
+        thread of this process) is admitted, in another thread, to the end."""
+        state = join(*args, **kwargs)
+        records.join = join
+
+        def again() -> None:
+            try:
+                outcomes.append(manager.join_session(sid, "alice"))
+            except Refusal as e:
+                outcomes.append(e.status)
+
+        thread = threading.Thread(target=again)
+        thread.start()
+        thread.join(10)
+        return state
+
+    records.join = join_then_another
+    manager.join_session(sid, "alice")
+    assert outcomes == [409], "the first connection was this process's from the start of its admission"
