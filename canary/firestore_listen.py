@@ -186,10 +186,6 @@ class ListenState:
         return recovered
 
     # -- targets ------------------------------------------------------------------------
-    @property
-    def is_open(self) -> bool:
-        return self._open
-
     def add(self, spec: Message, owner: Any) -> int:
         """Start carrying `spec` (a Target: query or documents) for `owner`; returns its handle."""
         spec_pb = getattr(spec, "_pb", spec)
@@ -316,10 +312,8 @@ class ListenState:
                         self._recovered.append(target.owner)
                 elif kind == _Type.RESET:
                     # The server re-sends whatever still matches before the next snapshot point.
-                    target.pending = {}
+                    target.drop_pending()
                     target.reset = True
-                    target.current = False
-                    target.pending_token = b""
                     self._dirty[target] = None
                 if token:
                     target.pending_token = token
@@ -357,9 +351,7 @@ class ListenState:
                   target_id, have, count)
         self.target_resets += 1
         self._retire(target)
-        target.drop_all()
-        self._dirty.pop(target, None)
-        self._token_dirty.pop(target, None)
+        self._drop_all(target)
         self._listen(target)
 
     def _snapshot(self) -> list[Delivery]:
@@ -417,14 +409,18 @@ class ListenState:
             self._requests.append(ListenRequest.pb()(database=self._database, remove_target=target.wire_id))
         target.wire_id = None
 
+    def _drop_all(self, target: _Target) -> None:
+        """Forget the target's documents and token, and that anything of it awaits the next snapshot point."""
+        target.drop_all()
+        self._dirty.pop(target, None)
+        self._token_dirty.pop(target, None)
+
     def _fail(self, target: _Target, code: int, message: str) -> None:
         if target.wire_id is None:
             return
         del self._by_id[target.wire_id]  # the server has removed it: nothing to send
         target.wire_id = None
-        target.drop_all()  # re-added from scratch: its token may be what the server refused
-        self._dirty.pop(target, None)
-        self._token_dirty.pop(target, None)
+        self._drop_all(target)  # re-added from scratch: its token may be what the server refused
         target.failures += 1
         delay = backoff_delay(target.failures, self._retry_initial, self._retry_max, self._rng)
         target.retry_at = self._clock() + delay

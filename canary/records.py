@@ -247,13 +247,7 @@ class SessionRecords:
     def connected(self, session_id: str, user_id: str) -> bool:
         """Whether a live process holds a socket of that user in that session (read now, no lock)."""
         presence = self._store.get(SESSION_PRESENCE, presence_id(session_id, user_id))
-        if presence is None or presence.get("away"):
-            return False
-        if presence.get("process") == self.process_id:
-            return self._holds(presence.get("connection", ""))
-        process = self._store.get(PROCESSES, presence.get("process", ""))
-        lease = (process or {}).get("leaseUntil")
-        return isinstance(lease, datetime) and lease > self._clock()
+        return _live(self, presence, lambda process: (self._store.get(PROCESSES, process) or {}).get("leaseUntil"))
 
     def leave(self, session_id: str, user_id: str, connection: str) -> datetime | None:
         """Remove a member whose `connection` ended; the new version, or None if nothing changed.
@@ -388,13 +382,7 @@ class _Batch:
 
     def connected(self, user_id: str) -> bool:
         """Whether a live connection (of a live process, this one included) holds that user."""
-        presence = self.presence.get(user_id)
-        if presence is None or presence.get("away"):
-            return False
-        if presence.get("process") == self.records.process_id:
-            return self.records._holds(presence.get("connection", ""))
-        lease = self._leases.get(presence.get("process", ""))
-        return isinstance(lease, datetime) and lease > self.records.now()
+        return _live(self.records, self.presence.get(user_id), self._leases.get)
 
     # changes
     def update(self, **fields: Any) -> datetime:
@@ -404,6 +392,10 @@ class _Batch:
         self.doc["lastUpdated"] = self.records.bump(self.doc["lastUpdated"])
         self._fields.update(fields, ("lastUpdated",))
         return self.doc["lastUpdated"]
+
+    def remove_member(self, user_id: str) -> datetime:
+        """Take `user_id` out of `members`; the new version."""
+        return self.update(members=[m for m in self.members() if m["id"] != user_id])
 
     def set_presence(self, user_id: str, data: Data | None) -> None:
         self.presence[user_id] = data
@@ -543,7 +535,7 @@ class _Kick(_Change):
         batch.set_presence(self.member_id, {
             **batch.records.here(batch.session_id, self.member_id, MEMBER, ""), "process": None, "away": True,
             "awaySince": now, "kickedAt": now})
-        return batch.update(members=[m for m in batch.members() if m["id"] != self.member_id])
+        return batch.remove_member(self.member_id)
 
 
 @dataclass
@@ -576,6 +568,17 @@ class _ResumeOwner(_Change):
         return SessionState.of(batch.session_id, batch.doc, resumed=True, connection=self.connection)
 
 
+def _live(records: SessionRecords, presence: Data | None, lease_of: Callable[[str], Any]) -> bool:
+    """Whether `presence` names a live connection: one this process still holds, or one of another process
+    whose lease (`lease_of` its ID) has not run out."""
+    if presence is None or presence.get("away"):
+        return False
+    if presence.get("process") == records.process_id:
+        return records._holds(presence.get("connection", ""))
+    lease = lease_of(presence.get("process", ""))
+    return isinstance(lease, datetime) and lease > records.now()
+
+
 def _holds(batch: _Batch, user_id: str, connection: str) -> bool:
     """Whether the user's presence still names `connection` (not a newer one)."""
     presence = batch.presence.get(user_id)
@@ -597,7 +600,7 @@ class _Leave(_Change):
             batch.set_presence(self.user_id, None)
         if batch.doc is None or not batch.is_member(self.user_id):
             return None
-        return batch.update(members=[m for m in batch.members() if m["id"] != self.user_id])
+        return batch.remove_member(self.user_id)
 
 
 @dataclass
@@ -642,7 +645,7 @@ class _Reassert(_Change):
 
     def apply(self, batch: _Batch) -> None:
         presence = batch.presence.get(self.user_id)
-        if batch.doc is None or (presence is not None and presence.get("connection") != self.connection):
+        if batch.doc is None or not _holds(batch, self.user_id, self.connection):
             return
         if self.role == MEMBER and not batch.is_member(self.user_id):
             return  # removed meanwhile: the session's snapshot tells this process
@@ -715,7 +718,7 @@ class _Expire(_Change):
             return
         batch.set_presence(self.user_id, None)
         if batch.doc is not None and batch.is_member(self.user_id):
-            batch.update(members=[m for m in batch.members() if m["id"] != self.user_id])
+            batch.remove_member(self.user_id)
 
 
 @dataclass(eq=False)  # compared by identity: field by field, it compared the changes too
