@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,13 +220,21 @@ class _Reader:
             return False
         raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(self, name: str, default: str, choices: tuple[str, ...],
+               fold: Callable[[str], str] = lambda raw: raw) -> str:
         raw = self._raw(name)
         if raw is None:
             return default
-        if raw not in choices:
+        if fold(raw) not in choices:
             raise ConfigError(f"{name}={raw!r} is not one of: {', '.join(choices)}")
-        return raw
+        return fold(raw)
+
+
+def choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...],
+           fold: Callable[[str], str] = lambda raw: raw) -> str:
+    """One setting of `env` that must be one of `choices` once `fold`ed (e.g. ``str.lower``), for the settings
+    read before `Config` is (logging's); raise `ConfigError` otherwise."""
+    return _Reader(env).choice(name, default, choices, fold)
 
 
 def _read_seed(path: str | None) -> Seed:

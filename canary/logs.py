@@ -47,12 +47,14 @@ from typing import Any
 
 from gunicorn import glogging
 
-from canary.config import ConfigError
+from canary.config import choice
+from canary.protocol import rfc3339
 
 REDACTED = "[redacted]"
 #: The query parameters that carry login tokens (routes read `auth`; `token` is accepted by clients too).
 SECRET_PARAMS = ("auth", "token")
 FORMATS = ("text", "json")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 #: Fields a record may carry (``extra=`` or a LoggerAdapter) that JSON lines include.
 CONTEXT_FIELDS = ("sessionID", "userID", "role", "closeCode")
@@ -92,26 +94,13 @@ def redact(text: str) -> str:
 # -- settings -------------------------------------------------------------------------------------
 
 def log_format(env: Mapping[str, str] | None = None) -> str:
-    """LOG_FORMAT: ``text`` (default) or ``json``; raise `ConfigError` otherwise."""
-    env = os.environ if env is None else env
-    raw = env.get("LOG_FORMAT", "").strip()
-    if not raw:
-        return "text"
-    if raw.lower() not in FORMATS:
-        raise ConfigError(f"LOG_FORMAT={raw!r} is not one of: {', '.join(FORMATS)}")
-    return raw.lower()
+    """LOG_FORMAT: ``text`` (default) or ``json``, any case; raise `ConfigError` otherwise."""
+    return choice(os.environ if env is None else env, "LOG_FORMAT", "text", FORMATS, str.lower)
 
 
 def log_level(env: Mapping[str, str] | None = None) -> str:
-    """LOG_LEVEL (default INFO), any of Python's level names; raise `ConfigError` otherwise."""
-    env = os.environ if env is None else env
-    raw = env.get("LOG_LEVEL", "").strip()
-    if not raw:
-        return "INFO"
-    names = logging.getLevelNamesMapping()
-    if raw.upper() not in names:
-        raise ConfigError(f"LOG_LEVEL={raw!r} is not one of: DEBUG, INFO, WARNING, ERROR, CRITICAL")
-    return raw.upper()
+    """LOG_LEVEL (default INFO): one of `LEVELS`, any case; raise `ConfigError` otherwise."""
+    return choice(os.environ if env is None else env, "LOG_LEVEL", "INFO", LEVELS, str.upper)
 
 
 # -- filter and formatters ------------------------------------------------------------------------
@@ -145,12 +134,6 @@ class RedactFilter(logging.Filter):
         return True
 
 
-def rfc3339(created: float) -> str:
-    """A POSIX time as RFC 3339 UTC with milliseconds and ``Z``."""
-    moment = datetime.fromtimestamp(created, UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line: ``time``, ``level``, ``logger``, ``event``, ``process``, then
     whichever of the context, access and repeat fields the record carries, then ``exc`` / ``stack``."""
@@ -160,7 +143,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """The record as one line of JSON (newlines in the message or traceback are escaped)."""
         data: dict[str, Any] = {
-            "time": rfc3339(record.created),
+            "time": rfc3339(datetime.fromtimestamp(record.created, UTC)),
             "level": record.levelname,
             "logger": record.name,
             "event": record.getMessage(),

@@ -29,13 +29,17 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 _now_cache: tuple[int, str] = (0, "")
 
 
+def rfc3339(moment: datetime, timespec: str = "milliseconds") -> str:
+    """`moment` as RFC 3339 UTC with a `Z` (the form of every time this service writes)."""
+    return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def utc_now() -> str:
     """The current time as RFC 3339 UTC with a `Z`, millisecond precision."""
     global _now_cache
     millis = time.time_ns() // 1_000_000
     if _now_cache[0] != millis:  # formatted once per millisecond, however many messages it stamps
-        stamp = datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="milliseconds")
-        _now_cache = (millis, stamp.replace("+00:00", "Z"))
+        _now_cache = (millis, rfc3339(datetime.fromtimestamp(millis / 1000, UTC)))
     return _now_cache[1]
 
 

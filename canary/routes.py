@@ -32,7 +32,8 @@ def error(status: int, message: str) -> Response:
 
 
 refusals(bp, error, store_unavailable="the store is unavailable; try again",
-         handshake_failed="the WebSocket handshake failed")
+         handshake_failed="the WebSocket handshake failed",
+         upgrade_required="this endpoint upgrades to a WebSocket; connect with a WebSocket client")
 
 
 @bp.get("/health")
@@ -50,15 +51,6 @@ def ready() -> Response:
     if not svc.store.ready(svc.config.ready_timeout_seconds):
         return error(503, "the store does not answer")
     return Response("READY", mimetype="text/plain")
-
-
-@bp.get("/sessions/<batch_id>", endpoint="create_session_plain")
-@bp.route("/sessions/<session_id>/join", methods=["GET"], endpoint="join_session_plain")
-def upgrade_required(**_ids: str) -> Response:
-    """GET on a session route means a WebSocket (the web app's REST calls are POSTs: webapp.py)."""
-    response = error(426, "this endpoint upgrades to a WebSocket; connect with a WebSocket client")
-    response.headers["Upgrade"] = "websocket"
-    return response
 
 
 def _user() -> str:

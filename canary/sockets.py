@@ -75,21 +75,33 @@ _routes: dict[str, _SocketRoute] = {}
 
 def socket_route(bp: Blueprint, rule: str, *, endpoint: str, vocabulary: Vocabulary) -> Callable[[Admit], Admit]:
     """Register `admit` as the admission of a flask-sock route of `bp` at `rule`, whose clients speak
-    `vocabulary`; the view is `serve`."""
+    `vocabulary`; the view is `serve`. A plain GET of `rule` is answered 426 (`refusals` says how)."""
     def register(admit: Admit) -> Admit:
         _routes[f"{bp.name}.{endpoint}"] = _SocketRoute(admit, vocabulary)
         sock.route(rule, bp=bp, endpoint=endpoint)(serve)
+        bp.add_url_rule(rule, f"{endpoint}_plain", _upgrade_required[bp.name], methods=["GET"])
         return admit
     return register
 
 
 #: How an API words a refusal: (status, reason) -> response.
 Render = Callable[[int, str], Response]
+#: Each blueprint's answer to a plain GET of a socket route (`refusals`).
+_upgrade_required: dict[str, Callable[..., Response]] = {}
 
 
-def refusals(bp: Blueprint, render: Render, *, store_unavailable: str, handshake_failed: str) -> None:
-    """Answer `bp`'s refusals with `render`: a `Refusal` (with its headers), a store that failed (503), and
-    flask-sock's handshake failing after the admission (400; the admission is then undone)."""
+def refusals(bp: Blueprint, render: Render, *, store_unavailable: str, handshake_failed: str,
+             upgrade_required: str) -> None:
+    """Answer `bp`'s refusals with `render`: a `Refusal` (with its headers), a store that failed (503),
+    flask-sock's handshake failing after the admission (400; the admission is then undone), and a plain GET
+    of a socket route (426 `upgrade_required`). Called before `bp`'s socket routes are registered."""
+    def plain_get(**_ids: str) -> Response:
+        response = render(426, upgrade_required)
+        response.headers["Upgrade"] = "websocket"
+        return response
+
+    _upgrade_required[bp.name] = plain_get
+
     @bp.errorhandler(Refusal)
     def refused(e: Refusal) -> Response:
         response = render(e.status, e.message)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, request
 
 from .auth import bearer_token
 from .errors import Refusal
-from .protocol import WEBAPP
+from .protocol import WEBAPP, rfc3339
 from .records import MEMBER, OWNER
 from .sessions import Admission
 from .sockets import refusals, services, socket_route
@@ -42,7 +42,7 @@ def text_error(status: int, message: str) -> Response:
 
 
 refusals(bp, text_error, store_unavailable="The session service cannot reach its database; try again",
-         handshake_failed="Bad Request")
+         handshake_failed="Bad Request", upgrade_required="This endpoint opens a WebSocket")
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
@@ -134,17 +134,7 @@ def active_sessions() -> Response:
 
 def _rfc3339(value: Any) -> str:
     """A stored timestamp as RFC 3339 UTC with a `Z` (Go's zero time when there is none)."""
-    if not isinstance(value, datetime):
-        return "0001-01-01T00:00:00Z"
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-@bp.get("/sessions/<session_id>/ws/create", endpoint="ws_create_plain")
-@bp.get("/sessions/<session_id>/ws/join", endpoint="ws_join_plain")
-def upgrade_required(**_ids: str) -> Response:
-    response = text_error(426, "This endpoint opens a WebSocket")
-    response.headers["Upgrade"] = "websocket"
-    return response
+    return rfc3339(value, "microseconds") if isinstance(value, datetime) else "0001-01-01T00:00:00Z"
 
 
 def _attach(session_id: str, role: str, address: str | None) -> Admission:
