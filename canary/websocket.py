@@ -9,9 +9,10 @@ simple-websocket leaves to us are fixed there, on the environ its `Server` is
 built from:
 
 * it writes with `socket.send`, which may write part of a frame; every write
-  goes through `_Socket.send`, a locked `sendall`, so the writer greenlet,
-  pongs and pings never interleave (a write blocked by a peer that stopped
-  reading is cut by the client's write timeout, see clients.py);
+  goes through `_Socket.send`: whole, straight to the socket when the kernel
+  takes it, else a locked `sendall`, so the writer greenlet, pongs and pings
+  never interleave (a write blocked by a peer that stopped reading is cut by
+  the client's write timeout, see clients.py);
 * it accepts permessage-deflate whenever offered (every browser does), which
   costs 5x the memory and 3x the CPU for tiny JSON; the offer is removed from
   the request before the handshake;
