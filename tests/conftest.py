@@ -466,6 +466,39 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
     return head + key + body
 
 
+class FakeClock:
+    """A monotonic clock the test moves by setting `now`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refused_start(variable: str, env: dict[str, str], preexec: Callable[[], None] | None = None) -> str:
+    """Start gunicorn with `env` (a bad `variable`) and check it stops at once, with status 2 and one clear line
+    naming `variable`, no traceback; its output."""
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("CANARY_", "JWT_", "CORS_", "GCP_", "FIRESTORE_", "GOOGLE_", "LOG_"))
+                and k != "PORT"}
+    full_env.update({"PORT": str(free_port()), "WEB_CONCURRENCY": "1", **env})
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30,
+        preexec_fn=preexec,
+    )
+    output = result.stdout
+    assert result.returncode == 2, output
+    assert time.monotonic() - started < 30
+    lines = [line for line in output.splitlines() if variable in line]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("canary: configuration error:"), output
+    assert "Traceback" not in output
+    return output
+
+
 def scrape(server: Server, token: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics: {(name, sorted labels): value}."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -479,15 +512,29 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def upgrade_headers(**overrides: str) -> dict[str, str]:
+    """A WebSocket handshake's headers; an override of "" leaves that header out."""
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}
+    headers.update(overrides)
+    return {k: v for k, v in headers.items() if v}
+
+
+def raw_request(server: Server, path: str, headers: dict[str, str]) -> tuple[bytes, socket.socket]:
+    """Send a GET of `path` with exactly these headers; the response head (status line and headers) and the
+    socket, nothing after the head read."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head and (byte := sock.recv(1)):  # one byte at a time: not past the head
+        head += byte
+    return head, sock
+
+
 def raw_websocket(server: Server, path: str) -> socket.socket:
     """A socket that completed the handshake of `path` (the 101 read, nothing more)."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)  # one byte at a time: nothing after the head is read here
+    head, sock = raw_request(server, path, upgrade_headers())
     assert head.startswith(b"HTTP/1.1 101"), head
     return sock
 

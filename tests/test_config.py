@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jwt
 import pytest
+from conftest import refused_start
 
 from canary.auth import Authenticator, bearer_token
 from canary.config import Config, ConfigError
@@ -156,48 +152,21 @@ def test_client_capacity_keeps_a_reserve_below_worker_connections() -> None:
 
 # -- gunicorn start-up ------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     ("variable", "env"),
     [("PORT", {"PORT": "abc"}), ("CANARY_SEED", {"CANARY_SEED": "/nonexistent.json"})],
     ids=["bad-port", "missing-seed"],
 )
 def test_gunicorn_stops_with_one_clear_line(variable: str, env: dict[str, str]) -> None:
-    _stops_with_one_clear_line(variable, env)
+    refused_start(variable, env)
 
 
 def test_gunicorn_stops_when_the_open_files_limit_cannot_hold_worker_connections() -> None:
     """The soft limit is raised to the hard one first; a hard limit of 512 cannot hold 1,000 sockets."""
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))
-    output = _stops_with_one_clear_line("WORKER_CONNECTIONS", {"WORKER_CONNECTIONS": "1000"}, low_limit)
+    output = refused_start("WORKER_CONNECTIONS", {"WORKER_CONNECTIONS": "1000"}, low_limit)
     assert "the limit is 512" in output
-
-
-def _stops_with_one_clear_line(variable: str, env: dict[str, str],
-                               preexec: Callable[[], None] | None = None) -> str:
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("CANARY_", "JWT_", "CORS_", "GCP_", "FIRESTORE_", "GOOGLE_")) and k != "PORT"}
-    full_env.update({"PORT": str(free_port()), "WEB_CONCURRENCY": "1", **env})
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30,
-        preexec_fn=preexec,
-    )
-    output = result.stdout
-    assert result.returncode != 0, output
-    assert time.monotonic() - started < 30
-    lines = [line for line in output.splitlines() if variable in line]
-    assert len(lines) == 1, output
-    assert lines[0].startswith("canary: configuration error:"), output
-    assert "Traceback" not in output
-    return output
 
 
 # -- canary.auth ----------------------------------------------------------------------------

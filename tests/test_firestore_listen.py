@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Emulator, firestore_client, unique, wait_for
+from conftest import Emulator, FakeClock, firestore_client, unique, wait_for
 from google.cloud import firestore
 from google.cloud.firestore_v1.types import (
     Document,
@@ -86,19 +86,11 @@ def documents_spec(path: str) -> Target:
     return Target(documents=Target.DocumentsTarget(documents=[f"{DOCS}/{path}"]))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Machine:
     """A ListenState on a fake clock, with helpers to read what it asks to send."""
 
     def __init__(self) -> None:
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.state = ListenState(DATABASE, clock=self.clock, rng=random.Random(1))
 
     def requests(self) -> list[tuple[str, int, bytes]]:

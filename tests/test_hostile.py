@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import threading
 import time
@@ -13,32 +12,23 @@ from collections.abc import Callable
 
 import jwt
 import pytest
-from conftest import TIMEOUT, Client, Refused, Server, client_frame, join_url, owner_url, unique, wait_for
+from conftest import (
+    TIMEOUT,
+    Client,
+    Refused,
+    Server,
+    client_frame,
+    join_url,
+    owner_url,
+    raw_request,
+    unique,
+    upgrade_headers,
+    wait_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from canary.protocol import SEED, ProtocolError, parse_client_frame
-
-
-def raw_request(server: Server, path: str, headers: dict[str, str]) -> tuple[bytes, socket.socket]:
-    """Send a GET with exactly these headers; the response head (status line and headers) and the socket."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
-    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return head, sock
-
-
-def upgrade_headers(**overrides: str) -> dict[str, str]:
-    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}
-    headers.update(overrides)
-    return {k: v for k, v in headers.items() if v}
 
 
 def session(server: Server) -> tuple[Client, str]:

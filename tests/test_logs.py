@@ -14,8 +14,6 @@ import os
 import resource
 import shlex
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,7 +23,7 @@ from typing import Any
 import gevent
 import pytest
 import websocket
-from conftest import RFC3339_Z, TIMEOUT, Server, free_port, start_server, wait_for
+from conftest import RFC3339_Z, TIMEOUT, FakeClock, Server, refused_start, start_server, wait_for
 from gevent.server import StreamServer
 from gunicorn.config import Config as GunicornConfig
 
@@ -123,15 +121,10 @@ def test_log_format_and_level_are_validated() -> None:
 
 @pytest.mark.parametrize(("variable", "value"), [("LOG_FORMAT", "xml"), ("LOG_LEVEL", "loud")])
 def test_gunicorn_stops_with_one_clear_line_on_a_bad_log_setting(variable: str, value: str) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CANARY_", "JWT_", "CORS_", "GCP_", "FIRESTORE_", "GOOGLE_", "LOG_"))}
-    env.update({"PORT": str(free_port()), "WEB_CONCURRENCY": "1", variable: value})
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30)
-    assert result.returncode == 2, result.stdout
-    assert result.stdout.splitlines() == [f"canary: configuration error: {variable}={value!r} is not one of: "
-                                          + ("text, json" if variable == "LOG_FORMAT"
-                                             else "DEBUG, INFO, WARNING, ERROR, CRITICAL")], result.stdout
+    output = refused_start(variable, {variable: value})
+    assert output.splitlines() == [f"canary: configuration error: {variable}={value!r} is not one of: "
+                                   + ("text, json" if variable == "LOG_FORMAT"
+                                      else "DEBUG, INFO, WARNING, ERROR, CRITICAL")], output
 
 
 def test_the_json_formatter_writes_one_object_per_line_with_the_stable_fields() -> None:
@@ -275,14 +268,6 @@ def test_log_upgrade_refuses_unknown_fields() -> None:
 
 
 # -- gunicorn's logger ---------------------------------------------------------------------------------
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest.fixture
 def gunicorn_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
