@@ -107,23 +107,21 @@ class Emulator:
 
     def client(self, project: str | None = None) -> Any:
         """A google-cloud-firestore client on this emulator (`project`: the tests' own by default)."""
-        from google.cloud import firestore
-
-        os.environ["FIRESTORE_EMULATOR_HOST"] = self.host
-        return firestore.Client(project=project or FIRESTORE_PROJECT)
+        return firestore_client(self.host, project)
 
 
 FIRESTORE_PROJECT = "demo-canary-tests"
 
 
-def firestore_client(host: str) -> Any:
-    """A google-cloud-firestore client on `host` (an emulator or a `Proxy`); FIRESTORE_EMULATOR_HOST is restored."""
+def firestore_client(host: str, project: str | None = None) -> Any:
+    """A google-cloud-firestore client on `host` (an emulator or a `Proxy`), for `project` (the tests' own by
+    default); FIRESTORE_EMULATOR_HOST is restored."""
     from google.cloud import firestore
 
     before = os.environ.get("FIRESTORE_EMULATOR_HOST")
     os.environ["FIRESTORE_EMULATOR_HOST"] = host  # read once, by the constructor
     try:
-        return firestore.Client(project=FIRESTORE_PROJECT)
+        return firestore.Client(project=project or FIRESTORE_PROJECT)
     finally:
         if before is None:
             del os.environ["FIRESTORE_EMULATOR_HOST"]
