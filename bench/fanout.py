@@ -126,11 +126,16 @@ def ensure_node_modules() -> None:
 
 
 # -- /proc ------------------------------------------------------------------------------
-def rss_kib(pid: int) -> int:
+def proc_status(pid: int, key: str) -> int:
+    """A number of /proc/<pid>/status (``VmRSS`` in KiB, ``Threads``...)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1])
-    raise BenchError(f"no VmRSS for pid {pid}")
+    raise BenchError(f"no {key} for pid {pid}")
+
+
+def rss_kib(pid: int) -> int:
+    return proc_status(pid, "VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:

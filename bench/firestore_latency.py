@@ -64,7 +64,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import websocket
-from fanout import BenchError, children, cpu_seconds, free_port, put_document, raise_nofile, settled_rss, wait_until
+from fanout import (
+    BenchError,
+    children,
+    cpu_seconds,
+    free_port,
+    proc_status,
+    put_document,
+    raise_nofile,
+    settled_rss,
+    wait_until,
+)
 from fanout import machine as machine_facts
 from proxy_process import ProxyError, ProxyProcess
 
@@ -354,14 +364,6 @@ def _figure(cell: str) -> bool:
     """Whether a table cell is a figure ("12.5", "3/4", "1.02x", "7%", "-", "n/a")."""
     return cell in ("-", "n/a") or all(part.strip().rstrip("x%").replace(".", "", 1).isdigit()
                                        for part in cell.replace(" / ", "/").split("/"))
-
-
-def os_threads(pid: int) -> int:
-    """The OS threads of `pid` (/proc/<pid>/status Threads)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise BenchError(f"no Threads for pid {pid}")
 
 
 def firestore_db(host: str) -> Any:
@@ -697,7 +699,7 @@ def scale_run(images: int, options: Any, log_dir: Path) -> dict[str, Any]:
             w.client.send({"type": "setImageID", "payload": {"imageID": w.image}})
         ready_deadline = max(setup_deadline, joined + 10)
         ready = [w for w in watchers if first_snapshots(w.client, ready_deadline)]
-        result.update(sessions=len(lanes), admitted=len(watchers), ready=len(ready),
+        result.update(admitted=len(watchers), ready=len(ready),
                       setup_s=time.monotonic() - started)
         print(f"    {len(watchers)}/{images} clients admitted in {joined - started:.1f} s "
               f"({len(lanes)} sessions), {len(ready)} watches ready after {time.monotonic() - started:.1f} s"
@@ -706,7 +708,7 @@ def scale_run(images: int, options: Any, log_dir: Path) -> dict[str, Any]:
             raise BenchError("no client could join")
 
         result["rss_kib"] = settled_rss(server.worker)
-        result["threads"] = os_threads(server.worker)
+        result["threads"] = proc_status(server.worker, "Threads")
         result["stats"] = server.stats(watch=True)
         if proxy is not None:
             result["proxy_listen_peak"] = proxy.peak("Listen")
@@ -730,11 +732,9 @@ def scale_run(images: int, options: Any, log_dir: Path) -> dict[str, Any]:
         total = options.warmup_writes + options.writes
         write_deadline = time.monotonic() + options.write_budget
         cpu_before = emulator_before = 0.0
-        measured_from = time.monotonic()
         for i in range(total):
             if i == options.warmup_writes:
                 cpu_before, emulator_before = cpu_seconds(server.worker), cpu_seconds(emulator.process.pid)
-                measured_from = time.monotonic()
             if time.monotonic() > write_deadline:
                 result["stopped"] = f"stopped after {i} of {total} writes: the write budget " \
                                     f"({options.write_budget:g} s) was spent"
@@ -770,11 +770,9 @@ def scale_run(images: int, options: Any, log_dir: Path) -> dict[str, Any]:
         if expected:
             result["cpu_s"] = cpu_seconds(server.worker) - cpu_before
             result["emulator_cpu_s"] = cpu_seconds(emulator.process.pid) - emulator_before
-            result["wall_s"] = time.monotonic() - measured_from
         result.update(expected=expected, delivered=delivered, bare_expected=bare_expected,
                       bare_delivered=bare_delivered, extra=extra, service=service, service_same=service_same,
                       direct=direct)
-        result["stats_after"] = server.stats(watch=True)
         print(f"    {expected} writes timed: service {summary(service)}", flush=True)
         print(f"      on the bare listener's image: service {summary(service_same)}; bare {summary(direct)}",
               flush=True)
@@ -785,7 +783,7 @@ def scale_run(images: int, options: Any, log_dir: Path) -> dict[str, Any]:
         if result["stopped"]:
             print(f"      {result['stopped']}", flush=True)
         if proxy is not None:
-            result["proxy_listen_peak"] = max(result.get("proxy_listen_peak", 0), proxy.peak("Listen"))
+            result["proxy_listen_peak"] = proxy.peak("Listen")  # the peak since the proxy started
             result["proxy_calls"] = proxy.by_method()
     except (BenchError, OSError, queue.Empty, ProxyError) as e:
         result["error"] = str(e) or type(e).__name__
@@ -918,6 +916,30 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     return options
 
 
+def latencies(options: argparse.Namespace, log_dir: Path, began: float, deadline: float) -> None:
+    """(a), (b) and (c): an emulator and two instances of their own, stopped at the end whatever happens."""
+    emulator = Emulator(log_dir, options.launcher)
+    servers: list[Server] = []
+    db = None
+    try:
+        servers.append(Server("A", log_dir, emulator, project=options.project))
+        servers.append(Server("B", log_dir, emulator, project=options.project))
+        a, b = servers
+        print(f"emulator 127.0.0.1:{emulator.port}; instances A 127.0.0.1:{a.port}, B 127.0.0.1:{b.port} "
+              f"(one gevent worker each); started in {time.monotonic() - began:.1f} s", flush=True)
+        db = firestore_db(emulator.host)
+        write_to_notification(a, db, began + BUDGET_SECONDS * 0.3)
+        listeners_vs_clients(a)
+        member_joined_latency(a, b, db, deadline)
+    finally:
+        if db is not None:
+            with contextlib.suppress(Exception):
+                db.close()
+        for server in servers:
+            server.stop()
+        stop(emulator.process, 10)
+
+
 def main() -> int:
     options = parse_options()
     if shutil.which("node") is None:
@@ -938,33 +960,11 @@ def main() -> int:
         print(f"  {line}")
     print(f"  open files limit {raise_nofile()}; the watchdog stops everything after {limit:g} s")
     log_dir = Path(tempfile.mkdtemp(prefix="canary-firestore-latency-"))
-    emulator: Emulator | None = None
-    servers: list[Server] = []
-    db = None
     ok = False
     scale: list[dict[str, Any]] = []
     try:
         if classic:
-            emulator = Emulator(log_dir, options.launcher)
-            servers = [Server("A", log_dir, emulator, project=options.project)]
-            servers.append(Server("B", log_dir, emulator, project=options.project))
-            a, b = servers
-            print(f"emulator 127.0.0.1:{emulator.port}; instances A 127.0.0.1:{a.port}, B 127.0.0.1:{b.port} "
-                  f"(one gevent worker each); started in {time.monotonic() - began:.1f} s", flush=True)
-            os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
-            from google.cloud import firestore
-
-            db = firestore.Client(project=PROJECT)
-            write_to_notification(a, db, began + BUDGET_SECONDS * 0.3)
-            listeners_vs_clients(a)
-            member_joined_latency(a, b, db, deadline)
-            db.close()
-            db = None
-            for server in servers:
-                server.stop()
-            servers = []
-            stop(emulator.process, 10)
-            emulator = None
+            latencies(options, log_dir, began, deadline)
         if options.images:
             images_at_scale(options, log_dir, scale)
         ok = all("error" not in r for r in scale)
@@ -973,13 +973,6 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
     finally:
-        if db is not None:
-            with contextlib.suppress(Exception):
-                db.close()
-        for server in servers:
-            server.stop()
-        if emulator is not None:
-            stop(emulator.process, 10)
         if ok and not options.keep_logs:
             shutil.rmtree(log_dir, ignore_errors=True)
         else:

@@ -296,13 +296,13 @@ def report(figures: dict[str, Any], options: Any) -> None:
     base = figures["rtt"][0]
     for i, phase in enumerate(figures["phases"]):
         rtt, health = figures["rtt"][i], figures["health"][i]
-        cpu = figures["cpu"][i] if i < len(figures["cpu"]) else None
+        cpu = figures["cpu"][i]
         rows.append([phase, len(rtt) + figures["lost"][i], figures["lost"][i],
                      ms(rtt, 50), ms(rtt, 99), ms(rtt, "max"),
                      f"{pct(rtt, 50) / pct(base, 50):.2f}x / {pct(rtt, 99) / pct(base, 99):.2f}x" if rtt and base
                      else "-",
                      len(health), figures["health_failed"][i], ms(health, 50), ms(health, 99), ms(health, "max"),
-                     "-" if cpu is None else f"{cpu / options.duration * 100:.0f}%"])
+                     f"{cpu / options.duration * 100:.0f}%"])
     print_table(
         f"Other clients during a flood (service tree {options.project}): ping→pong round trips of {options.clients} "
         f"members pinging {options.rate:g}/s each, GET /health every {options.health_interval:g} s, "

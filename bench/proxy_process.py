@@ -6,12 +6,12 @@ busy with a storm, and its forwarding delays would be the benchmark's, not the s
 own interpreter; the benchmark asks it for counts over a pipe:
 
     proxy = ProxyProcess(emulator_host, log_dir)   # FIRESTORE_EMULATOR_HOST=proxy.host for the service
-    proxy.calls("Commit"), proxy.peak("Listen"), proxy.open("Listen"), proxy.reset()
+    proxy.by_method(), proxy.peak("Listen"), proxy.reset()
     proxy.stop()
 
 Run directly (``python bench/proxy_process.py UPSTREAM``) it prints ``ready <port>`` and answers one command a
-line on stdin (``calls M``, ``peak M``, ``open M``, ``reset``, ``quit``; ``M`` a method name or ``*``); it
-exits at the end of stdin, so it never outlives the benchmark that started it.
+line on stdin (``methods``, ``peak M``, ``reset``, ``quit``; ``M`` a method name or ``*``); it exits at the end
+of stdin, so it never outlives the benchmark that started it.
 """
 
 from __future__ import annotations
@@ -39,13 +39,9 @@ class ProxyError(Exception):
 class ProxyProcess:
     """A `Proxy` in a child process (its own process group): `host` for FIRESTORE_EMULATOR_HOST, counts."""
 
-    def __init__(self, upstream: str, log_dir: Path, max_streams: int | None = 100) -> None:
+    def __init__(self, upstream: str, log_dir: Path) -> None:
         self._stderr = (log_dir / "proxy.log").open("ab")
         args = [sys.executable, str(Path(__file__).resolve()), upstream]
-        if max_streams is None:
-            args.append("--unlimited")
-        else:
-            args += ["--max-streams", str(max_streams)]
         self.process = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self._stderr, text=True, start_new_session=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -91,17 +87,9 @@ class ProxyProcess:
             raise ProxyError(f"the proxy is gone: {e}") from None
         return self._line()
 
-    def calls(self, method: str = "*") -> int:
-        """Calls of `method` ("Commit", "Listen", ...; "*": all) begun since the start or the last `reset`."""
-        return int(self._ask(f"calls {method}"))
-
     def peak(self, method: str = "*") -> int:
-        """The most calls of `method` forwarded at once."""
+        """The most calls of `method` ("Listen", ...; "*": all) forwarded at once."""
         return int(self._ask(f"peak {method}"))
-
-    def open(self, method: str = "*") -> int:
-        """Calls of `method` being forwarded now."""
-        return int(self._ask(f"open {method}"))
 
     def by_method(self) -> dict[str, int]:
         """Every method called since the last `reset`, with its count."""
@@ -126,25 +114,19 @@ class ProxyProcess:
         self._stderr.close()
 
 
-def serve(upstream: str, max_streams: int | None) -> int:
+def serve(upstream: str) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from grpc_proxy import Proxy
 
-    proxy = Proxy(upstream, max_concurrent_streams=max_streams).start()
+    proxy = Proxy(upstream).start()  # Google's front end: 100 concurrent streams per connection
     print(f"ready {proxy.port}", flush=True)
 
     def answer(words: list[str]) -> Any:
         method = None if len(words) < 2 or words[1] == "*" else words[1]
-        if words[0] == "calls":
-            return proxy.calls(method)
         if words[0] == "peak":
             return proxy.peak_streams(method)
-        if words[0] == "open":
-            return proxy.open_streams(method)
         if words[0] == "methods":
-            with proxy._lock:  # a benchmark's read of the counts by method (the tests ask one method at a time)
-                counts = dict(proxy._calls)
-            return " ".join(f"{m.rsplit('/', 1)[-1]}={n}" for m, n in sorted(counts.items()) if n) or "-"
+            return " ".join(f"{m}={n}" for m, n in proxy.calls_by_method().items()) or "-"
         if words[0] == "reset":
             proxy.reset_counts()
             return "ok"
@@ -166,12 +148,7 @@ def serve(upstream: str, max_streams: int | None) -> int:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     argv = sys.argv[1:]
-    if not argv or argv[0].startswith("-"):
+    if len(argv) != 1 or argv[0].startswith("-"):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    limit: int | None = 100
-    if "--unlimited" in argv:
-        limit = None
-    elif "--max-streams" in argv:
-        limit = int(argv[argv.index("--max-streams") + 1])
-    sys.exit(serve(argv[0], limit))
+    sys.exit(serve(argv[0]))

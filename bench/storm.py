@@ -139,7 +139,7 @@ def seconds(at: float | None, since: float) -> str:
     return "-" if at is None else f"{at - since:.2f}"
 
 
-async def storm(server: Server, store: str, members_n: int, options: Any, emulator: Emulator | None,
+async def storm(server: Server, store: str, options: Any, emulator: Emulator | None,
                 proxy: ProxyProcess | None, db: Any) -> list[dict[str, Any]]:
     timeout = options.timeout
     batch, owner_id = server.batch(f"storm-{store}")
@@ -163,6 +163,7 @@ async def storm(server: Server, store: str, members_n: int, options: Any, emulat
         return proxy.by_method() if proxy is not None else {}
 
     rows: list[dict[str, Any]] = []
+    members_n = options.members
     members = [Member(n) for n in range(members_n)]
     try:
         # -- joins: every TCP connection first, then every upgrade request at once -------------------
@@ -267,7 +268,7 @@ def run_store(store: str, options: Any, log_dir: Path) -> list[dict[str, Any]]:
         print(f"  {store}: service 127.0.0.1:{server.port} (worker {server.worker})"
               + (f", emulator 127.0.0.1:{emulator.port}" if emulator else "")
               + (f", proxy 127.0.0.1:{proxy.port} (100 streams per connection)" if proxy else ""), flush=True)
-        return asyncio.run(storm(server, store, options.members, options, emulator, proxy, db))
+        return asyncio.run(storm(server, store, options, emulator, proxy, db))
     except (BenchError, OSError, ProxyError, Closed, Refused, TimeoutError) as e:
         print(f"    failed: {e}", flush=True)
         return [{"store": store, "phase": "join", "members": options.members, "error": str(e) or type(e).__name__}]

@@ -30,6 +30,8 @@ p=$(port); PORT=$p taskset -c 0 "$bin" >"$work/go.log" 2>&1 & pid=$!
 wait_up "$p" || { echo "Go peer did not start"; exit 2; }
 load go "$p" "$pid"; stop "$pid"
 
+# The floor runs, as vs_go.sh runs the service, without the load generator's warm-up session (Go has it):
+# their KiB per connection also carries the first connection's one-time allocations, spread over N+1.
 p=$(port)
 (cd "$proj/bench" && exec taskset -c 0 "$proj/.venv/bin/gunicorn" -k gevent --worker-connections 5000 -b "127.0.0.1:$p" \
    --no-control-socket floor_app:app) >"$work/floor.log" 2>&1 & pid=$!

@@ -114,6 +114,11 @@ class Proxy:
         with self._lock:
             return sum(n for m, n in self._calls.items() if _matches(m, method))
 
+    def calls_by_method(self) -> dict[str, int]:
+        """Every method called since the start or the last reset ("Commit", ...), with its count."""
+        with self._lock:
+            return {m.rsplit("/", 1)[-1]: n for m, n in sorted(self._calls.items()) if n}
+
     def open_streams(self, method: str | None = None) -> int:
         """How many calls of `method` (None: all) are being forwarded right now."""
         with self._lock:
@@ -141,9 +146,7 @@ class Proxy:
 
     def __repr__(self) -> str:
         state = f"on {self.host}" if self.running else "stopped"
-        with self._lock:
-            counts = dict(self._calls)
-        return f"<Proxy {state} -> {self.upstream} calls={counts}>"
+        return f"<Proxy {state} -> {self.upstream} calls={self.calls_by_method()}>"
 
     @staticmethod
     def _run(coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
