@@ -916,6 +916,26 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     return options
 
 
+def begin(title: str, limit: float, prefix: str) -> Path:
+    """A driver's start: the watchdog (after `limit` seconds), SIGTERM handled, the machine and the open-files
+    limit printed under `title`; a new log directory (named `prefix`...)."""
+    threading.Thread(target=watchdog, args=(limit,), daemon=True).start()
+    signal.signal(signal.SIGTERM, interrupted)
+    print(title)
+    for line in machine():
+        print(f"  {line}")
+    print(f"  open files limit {raise_nofile()}; the watchdog stops everything after {limit:g} s")
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def finish(log_dir: Path, ok: bool, keep_logs: bool) -> None:
+    """A driver's end: its logs removed after a good run (unless kept), else where they are is said."""
+    if ok and not keep_logs:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    else:
+        print(f"logs kept in {log_dir}", file=sys.stderr)
+
+
 def latencies(options: argparse.Namespace, log_dir: Path, began: float, deadline: float) -> None:
     """(a), (b) and (c): an emulator and two instances of their own, stopped at the end whatever happens."""
     emulator = Emulator(log_dir, options.launcher)
@@ -951,15 +971,9 @@ def main() -> int:
     classic = not options.images_only
     limit = (HARD_LIMIT_SECONDS if classic else 0.0) + sum(
         options.setup_budget + options.write_budget + 180 for _ in options.images)
-    threading.Thread(target=watchdog, args=(limit,), daemon=True).start()
-    signal.signal(signal.SIGTERM, interrupted)
     began = time.monotonic()
     deadline = began + BUDGET_SECONDS
-    print("machine:")
-    for line in machine():
-        print(f"  {line}")
-    print(f"  open files limit {raise_nofile()}; the watchdog stops everything after {limit:g} s")
-    log_dir = Path(tempfile.mkdtemp(prefix="canary-firestore-latency-"))
+    log_dir = begin("machine:", limit, "canary-firestore-latency-")
     ok = False
     scale: list[dict[str, Any]] = []
     try:
@@ -973,10 +987,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
     finally:
-        if ok and not options.keep_logs:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            print(f"logs kept in {log_dir}", file=sys.stderr)
+        finish(log_dir, ok, options.keep_logs)
     if scale:
         print_scale(scale, options)
     print(f"\ntotal {time.monotonic() - began:.1f} s; {load_average()}")

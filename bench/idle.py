@@ -29,11 +29,7 @@ import linecache
 import pickle
 import random
 import re
-import shutil
-import signal
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -251,13 +247,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     hard = 4 * options.timeout + options.idle + options.clients / 50 + 120
-    threading.Thread(target=fl.watchdog, args=(hard,), daemon=True).start()
-    signal.signal(signal.SIGTERM, fl.interrupted)
-    print(f"Canary Collab: {options.clients} idle clients on one worker")
-    for line in fl.machine():
-        print(f"  {line}")
-    print(f"  open files limit {limit}; the watchdog stops everything after {hard:g} s")
-    log_dir = Path(tempfile.mkdtemp(prefix="canary-idle-"))
+    log_dir = fl.begin(f"Canary Collab: {options.clients} idle clients on one worker", hard, "canary-idle-")
     ok, server = False, None
     try:
         config, traced = "gunicorn.conf.py", {}
@@ -278,10 +268,7 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-        if ok and not options.keep_logs:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            print(f"logs kept in {log_dir}", file=sys.stderr)
+        fl.finish(log_dir, ok, options.keep_logs)
     print(f"{fl.load_average()}")
     return 0 if ok else 1
 

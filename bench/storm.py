@@ -26,11 +26,8 @@ import asyncio
 import contextlib
 import json
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import firestore_latency as fl
-from fanout import BenchError, cpu_seconds, raise_nofile
+from fanout import BenchError, cpu_seconds
 from firestore_latency import EMULATOR_DIR, ROOT, Emulator, Server, firestore_db, print_table, stop
 from proxy_process import ProxyError, ProxyProcess
 from wsclient import Closed, Connection, Refused, close_frame
@@ -347,14 +344,8 @@ def main() -> int:
         return 2
 
     limit = len(stores) * (3 * options.timeout + 120)
-    threading.Thread(target=fl.watchdog, args=(limit,), daemon=True).start()
-    signal.signal(signal.SIGTERM, fl.interrupted)
     began = time.monotonic()
-    print("Canary Collab join storm")
-    for line in fl.machine():
-        print(f"  {line}")
-    print(f"  open files limit {raise_nofile()}; the watchdog stops everything after {limit:g} s")
-    log_dir = Path(tempfile.mkdtemp(prefix="canary-storm-"))
+    log_dir = fl.begin("Canary Collab join storm", limit, "canary-storm-")
     rows: list[dict[str, Any]] = []
     ok = False
     try:
@@ -364,10 +355,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
     finally:
-        if ok and not options.keep_logs:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            print(f"logs kept in {log_dir}", file=sys.stderr)
+        fl.finish(log_dir, ok, options.keep_logs)
     if rows:
         report(rows, options)
     print(f"\ntotal {time.monotonic() - began:.1f} s; {fl.load_average()}")
