@@ -131,8 +131,9 @@ def test_a_failure_after_a_commit_leaves_no_caller_waiting(records: SessionRecor
     callers.start(lambda: records.join(session, "first", ""))
     assert held.waiting.wait(WAIT)
     callers.start(lambda: records.join(session, "second", ""))
+    wait_for(lambda: queued(records, session) == 1, what="the second queued behind the first")
     callers.start(lambda: records.join(session, "third", ""))
-    wait_for(lambda: queued(records, session) == 2, what="2 joins queued behind the first")
+    wait_for(lambda: queued(records, session) == 2, what="the third queued behind the second")
     held.gate.set()
     results = callers.join()  # every caller returns (the third was a waiter in the second's commit)
     assert all(not isinstance(r, BaseException) for r in results), results
@@ -211,8 +212,9 @@ def test_the_end_and_changes_after_it_in_one_commit(records: SessionRecords, hel
     callers.start(lambda: records.join(session, "first", ""))
     assert held.waiting.wait(WAIT)
     callers.start(lambda: records.owner_left(session, "owner", owner_connection, 0))
+    wait_for(lambda: queued(records, session) == 1, what="the end queued")
     callers.start(lambda: records.join(session, "late", ""))
-    wait_for(lambda: queued(records, session) == 2, what="2 changes queued")
+    wait_for(lambda: queued(records, session) == 2, what="a join queued after the end")
     held.gate.set()
     _first, left, late = callers.join()
     assert left.ended
