@@ -62,6 +62,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str =
         time.sleep(0.02)
 
 
+def stop_process(process: subprocess.Popen[str], grace: float) -> None:
+    """SIGTERM `process`, and SIGKILL it if it has not exited `grace` seconds later."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 EMULATOR_DIR = ROOT / "tests" / "emulator"
 #: Why read-modify-write races are not tested on the bundled emulator.
 EMULATOR_GAP = ("@firestore-emulator/server does not isolate transactions (concurrent read-modify-write "
@@ -101,9 +112,10 @@ class Emulator:
         return emulator
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        if self.process is not None:
+            # It holds nothing to flush, but a busy emulator (every listener's query re-run per write) can take
+            # longer than the grace to reach its SIGTERM handler.
+            stop_process(self.process, grace=10)
 
     def client(self, project: str | None = None) -> Any:
         """A google-cloud-firestore client on this emulator (`project`: the tests' own by default)."""
@@ -210,13 +222,7 @@ class Server:
         return pids
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace=30)
 
 
 def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | None = None,
