@@ -620,8 +620,7 @@ class ListenMux:
                         if self._idle_since is None:
                             self._idle_since = now
                         if now - self._idle_since >= self._idle_close:
-                            to_cancel = self._stream
-                            to_cancel.cancelled = True
+                            to_cancel = self._detach()
                             break
                         timeout = _earliest(timeout, self._idle_since + self._idle_close - now)
                     else:
@@ -643,6 +642,17 @@ class ListenMux:
         self._idle_since = None
         self._state.stream_opened()
         self._flush()
+        return stream
+
+    def _detach(self) -> _Stream:
+        """Take the open stream off duty at once: its reader may take a while to see the cancel, and a new
+        stream is opened (when needed) only after that reader has ended."""
+        stream = self._stream
+        assert stream is not None
+        stream.cancelled = True
+        self._stream = None
+        self._idle_since = None
+        self._state.stream_closed()
         return stream
 
     def _start_stream(self, stream: _Stream) -> None:

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,10 @@ class Server:
         return pids
 
     def stop(self) -> None:
+        """Stop it; fails if gunicorn ever killed a worker whose hub stopped answering (a blocked process)."""
         stop_process(self.process, grace=30)
+        timeouts = self.log().count("WORKER TIMEOUT")
+        assert not timeouts, f"gunicorn killed {timeouts} unresponsive worker(s) of the server on {self.port}"
 
 
 def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | None = None,
@@ -303,8 +307,8 @@ def proxied_server_factory(tmp_path: Path, emulator: Emulator,
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    with ThreadPoolExecutor(max(len(started), 1)) as pool:  # each waits for its own drain: wait for them at once
+        list(pool.map(Server.stop, started))
 
 
 @pytest.fixture(scope="session", params=["memory", "firestore"])
@@ -334,8 +338,8 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fix
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    with ThreadPoolExecutor(max(len(started), 1)) as pool:  # each waits for its own drain: wait for them at once
+        list(pool.map(Server.stop, started))
 
 
 @pytest.fixture(scope="session")

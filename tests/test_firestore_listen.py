@@ -658,6 +658,32 @@ def test_an_idle_stream_is_closed_and_reopened_on_demand() -> None:
         mux.close()
 
 
+def test_an_idle_stream_is_closed_once_while_its_call_winds_down(caplog: pytest.LogCaptureFixture) -> None:
+    """A cancelled call may end much later (a busy process); until then the supervisor must wait, not cancel it
+    again and again without yielding (which, under gevent, starved the worker until gunicorn killed it)."""
+    caplog.set_level(logging.DEBUG, logger="canary.firestore_listen")
+    server = FakeServer()
+    mux = ListenMux(DATABASE, server.connect, idle_close=0.05)
+    try:
+        handle = mux.listen(query_spec("i1"), Recorder("a"))
+        first = server.call(0)
+        first.adds(1)
+        cancels: list[int] = []
+        first.cancel = lambda: cancels.append(1)  # type: ignore[method-assign]  # the call goes on until ended below
+        mux.unlisten(handle)
+        wait_for(lambda: cancels, what="the idle stream to be cancelled")
+        assert mux.stats()["streams"] == 0, "off duty as soon as it is cancelled"
+        b = Recorder("b")
+        mux.listen(query_spec("i2"), b)
+        first.push(FakeRpcError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
+        second = server.call(1)
+        serve(second, {second.adds(1)[0]: []})
+        assert b.wait(1) == []
+        assert [r.message for r in caplog.records].count("closing the idle Listen stream") == 1
+    finally:
+        mux.close()
+
+
 # -- on the emulator ---------------------------------------------------------------------------
 
 class Watched:
