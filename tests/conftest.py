@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,24 @@ class Server:
         assert not timeouts, f"gunicorn killed {timeouts} unresponsive worker(s) of the server on {self.port}"
 
 
+@contextmanager
+def servers(start_one: Callable[..., Server]) -> Iterator[Callable[..., Server]]:
+    """`start_one(**env)`, keeping what it starts; at the end every server is stopped, all at once (each waits
+    for its own drain)."""
+    started: list[Server] = []
+
+    def start(**env: str) -> Server:
+        server = start_one(**env)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        with ThreadPoolExecutor(max(len(started), 1)) as pool:
+            list(pool.map(Server.stop, started))
+
+
 def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | None = None,
                  project: str = FIRESTORE_PROJECT, **env: str) -> Server:
     """Start the service on `emulator` (None: the memory store), reaching it through the proxy `via` if given.
@@ -299,16 +318,8 @@ def proxied_server_factory(tmp_path: Path, emulator: Emulator,
                            firestore_proxy: Proxy) -> Iterator[Callable[..., Server]]:
     """Start Firestore-backed servers (with extra environment) that reach the emulator through
     `firestore_proxy`; all are stopped at the end of the test, before the proxy."""
-    started: list[Server] = []
-
-    def start(**env: str) -> Server:
-        server = start_server(tmp_path, emulator, via=firestore_proxy, **env)
-        started.append(server)
-        return server
-
-    yield start
-    with ThreadPoolExecutor(max(len(started), 1)) as pool:  # each waits for its own drain: wait for them at once
-        list(pool.map(Server.stop, started))
+    with servers(lambda **env: start_server(tmp_path, emulator, via=firestore_proxy, **env)) as start:
+        yield start
 
 
 @pytest.fixture(scope="session", params=["memory", "firestore"])
@@ -328,18 +339,10 @@ def isolating_store(request: pytest.FixtureRequest, store_kind: str) -> None:
 def server_factory(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
                    store_kind: str) -> Iterator[Callable[..., Server]]:
     """Start servers on this run's store with extra environment; all are stopped at the end."""
-    started: list[Server] = []
     tmp = tmp_path_factory.mktemp(f"servers-{store_kind}")
     emulator = request.getfixturevalue("emulator") if store_kind == "firestore" else None
-
-    def start(**env: str) -> Server:
-        server = start_server(tmp, emulator, **env)
-        started.append(server)
-        return server
-
-    yield start
-    with ThreadPoolExecutor(max(len(started), 1)) as pool:  # each waits for its own drain: wait for them at once
-        list(pool.map(Server.stop, started))
+    with servers(lambda **env: start_server(tmp, emulator, **env)) as start:
+        yield start
 
 
 @pytest.fixture(scope="session")

@@ -640,48 +640,49 @@ def test_unlisten_sends_remove_and_close_ends_everything(fake: tuple[FakeServer,
         mux.listen(query_spec("i3"), Recorder("c"))
 
 
-def test_an_idle_stream_is_closed_and_reopened_on_demand() -> None:
+@pytest.fixture
+def idle_soon() -> Iterator[tuple[FakeServer, ListenMux, int]]:
+    """A multiplexer that closes a stream left without targets after 50 ms, carrying one target (its handle is
+    the third item) on its first call."""
     server = FakeServer()
     mux = ListenMux(DATABASE, server.connect, idle_close=0.05)
-    try:
-        handle = mux.listen(query_spec("i1"), Recorder("a"))
-        first = server.call(0)
-        first.adds(1)
-        mux.unlisten(handle)
-        wait_for(lambda: first.cancelled and mux.stats()["streams"] == 0, what="the idle stream to close")
-        b = Recorder("b")
-        mux.listen(query_spec("i2"), b)
-        second = server.call(1)
-        serve(second, {second.adds(1)[0]: []})
-        assert b.wait(1) == []
-    finally:
-        mux.close()
+    handle = mux.listen(query_spec("i1"), Recorder("a"))
+    server.call(0).adds(1)
+    yield server, mux, handle
+    mux.close()
 
 
-def test_an_idle_stream_is_closed_once_while_its_call_winds_down(caplog: pytest.LogCaptureFixture) -> None:
+def test_an_idle_stream_is_closed_and_reopened_on_demand(idle_soon: tuple[FakeServer, ListenMux, int]) -> None:
+    server, mux, handle = idle_soon
+    first = server.call(0)
+    mux.unlisten(handle)
+    wait_for(lambda: first.cancelled and mux.stats()["streams"] == 0, what="the idle stream to close")
+    b = Recorder("b")
+    mux.listen(query_spec("i2"), b)
+    second = server.call(1)
+    serve(second, {second.adds(1)[0]: []})
+    assert b.wait(1) == []
+
+
+def test_an_idle_stream_is_closed_once_while_its_call_winds_down(idle_soon: tuple[FakeServer, ListenMux, int],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """A cancelled call may end much later (a busy process); until then the supervisor must wait, not cancel it
     again and again without yielding (which, under gevent, starved the worker until gunicorn killed it)."""
     caplog.set_level(logging.DEBUG, logger="canary.firestore_listen")
-    server = FakeServer()
-    mux = ListenMux(DATABASE, server.connect, idle_close=0.05)
-    try:
-        handle = mux.listen(query_spec("i1"), Recorder("a"))
-        first = server.call(0)
-        first.adds(1)
-        cancels: list[int] = []
-        first.cancel = lambda: cancels.append(1)  # type: ignore[method-assign]  # the call goes on until ended below
-        mux.unlisten(handle)
-        wait_for(lambda: cancels, what="the idle stream to be cancelled")
-        assert mux.stats()["streams"] == 0, "off duty as soon as it is cancelled"
-        b = Recorder("b")
-        mux.listen(query_spec("i2"), b)
-        first.push(FakeRpcError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
-        second = server.call(1)
-        serve(second, {second.adds(1)[0]: []})
-        assert b.wait(1) == []
-        assert [r.message for r in caplog.records].count("closing the idle Listen stream") == 1
-    finally:
-        mux.close()
+    server, mux, handle = idle_soon
+    first = server.call(0)
+    cancels: list[int] = []
+    first.cancel = lambda: cancels.append(1)  # type: ignore[method-assign]  # the call goes on until ended below
+    mux.unlisten(handle)
+    wait_for(lambda: cancels, what="the idle stream to be cancelled")
+    assert mux.stats()["streams"] == 0, "off duty as soon as it is cancelled"
+    b = Recorder("b")
+    mux.listen(query_spec("i2"), b)  # while the old call is still winding down
+    first.push(FakeRpcError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
+    second = server.call(1)
+    serve(second, {second.adds(1)[0]: []})
+    assert b.wait(1) == []
+    assert [r.message for r in caplog.records].count("closing the idle Listen stream") == 1
 
 
 # -- on the emulator ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Client, Emulator, Server, join_url, owner_url, start_server, unique, wait_for
+from conftest import Client, Emulator, Server, join_url, owner_url, servers, start_server, unique, wait_for
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 LEASE, GRACE = "1.5", "3"
@@ -32,18 +32,14 @@ QUIET = ("keepalive", "labels_snapshot", "bounding_boxes_snapshot")
 def start(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., Server]]:
     """Start processes of one deployment: a Firestore project of their own, so that no other test's process
     (which would clean up after these with its own graces) shares it."""
-    started: list[Server] = []
     project = unique("demo-processes")
 
     def start_one(**env: str) -> Server:
         settings = {"PROCESS_LEASE_SECONDS": LEASE, "RECONNECT_GRACE_SECONDS": GRACE, "WEB_CONCURRENCY": "1"}
-        server = start_server(tmp_path, emulator, project=project, **{**settings, **env})
-        started.append(server)
-        return server
+        return start_server(tmp_path, emulator, project=project, **{**settings, **env})
 
-    yield start_one
-    for server in started:
-        server.stop()
+    with servers(start_one) as start:
+        yield start
 
 
 def until(client: Client, kind: str, subject: str | None = None, timeout: float = 10) -> list[dict[str, Any]]:
