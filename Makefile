@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: run run-firestore test lint bench bench-firestore bench-storm bench-idle clean
+.PHONY: run run-firestore test lint bench bench-firestore bench-storm bench-storm-deployment bench-idle clean
 
 $(BIN)/gunicorn: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,9 @@ $(BIN)/pytest: requirements-dev.txt $(BIN)/gunicorn
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-# The Firestore emulator the tests start (npm package, pinned by package-lock.json).
+# The Firestore emulators (tests/emulators.py chooses): Google's Cloud Firestore emulator where it is installed
+# (gcloud's cloud-firestore-emulator component, Java), else this npm package, pinned by package-lock.json
+# (CANARY_TEST_EMULATOR=npm forces it). The tests' header line "firestore emulator:" says which one ran.
 EMULATOR := tests/emulator/node_modules/.package-lock.json
 $(EMULATOR): tests/emulator/package-lock.json
 	npm ci --prefix tests/emulator --no-audit --no-fund --loglevel=error
@@ -29,18 +31,22 @@ run: $(BIN)/gunicorn
 	CANARY_STORE=memory CANARY_SEED=demo/seed.json CANARY_DEV_API=1 PORT=$(PORT) \
 		$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-## Run the service on Firestore: FIRESTORE_EMULATOR_HOST's emulator, or the bundled one
-## started here on port 8681, with the demo data.
-run-firestore: $(BIN)/gunicorn $(EMULATOR)
+## Run the service on Firestore: FIRESTORE_EMULATOR_HOST's emulator, or one started here on port 8681 (Google's
+## where installed, else the npm one: tests/emulators.py), with the demo data.
+run-firestore: $(BIN)/gunicorn
 	@if [ -z "$$FIRESTORE_EMULATOR_HOST" ]; then \
-		node tests/emulator/start.js 8681 & trap "kill $$!" EXIT; \
+		kind=$$($(BIN)/python tests/emulators.py kind) || exit 2; \
+		if [ "$$kind" = npm ]; then $(MAKE) -s --no-print-directory $(EMULATOR) || exit 2; fi; \
+		echo "run-firestore: starting the $$kind Firestore emulator on 127.0.0.1:8681"; \
+		$(BIN)/python tests/emulators.py exec 8681 & emulator=$$!; trap "kill $$emulator" EXIT; \
+		$(BIN)/python tests/emulators.py ready 8681 $$emulator || exit 1; \
 		export FIRESTORE_EMULATOR_HOST=127.0.0.1:8681; \
-		for _ in $$(seq 100); do (: > /dev/tcp/127.0.0.1/8681) 2>/dev/null && break; sleep 0.1; done; \
 	fi; \
 	CANARY_STORE=firestore CANARY_SEED=demo/seed.json CANARY_DEV_API=1 PORT=$(PORT) \
 		$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-## Lint, then the whole test suite (on the memory store and on the Firestore emulator).
+## Lint, then the whole test suite (on the memory store and on the Firestore emulator: Google's where installed,
+## else the npm one, which is installed here all the same for the tests of its launcher).
 test: $(BIN)/pytest $(EMULATOR)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
@@ -58,9 +64,18 @@ bench: $(BIN)/pytest
 bench-firestore: $(BIN)/pytest $(EMULATOR)
 	$(BIN)/python bench/firestore_latency.py
 
-## bench-storm: 1000 members joining one session at once, then leaving (Firestore behind the proxy, memory).
+## bench-storm: 1000 members joining one session at once, then leaving (Firestore behind the proxy, memory);
+## then bench-storm-deployment's benchmark.
 bench-storm: $(BIN)/pytest $(EMULATOR)
 	$(BIN)/python bench/storm.py
+	$(BIN)/python bench/storm_deployment.py
+
+## bench-storm-deployment: one session over four processes (issue 15): 1000 joins alternately to 2 instances of
+## 2 workers (WEB_CONCURRENCY=2) on the Firestore emulator behind the 100-stream proxy, then all leave, then 100
+## members churning for 60 s (bench/storm_deployment.py; `RUNS=3` for the medians of 3).
+RUNS ?= 1
+bench-storm-deployment: $(BIN)/pytest $(EMULATOR)
+	$(BIN)/python bench/storm_deployment.py --runs $(RUNS)
 
 ## bench-idle: 10,000 idle clients on one worker (memory store): RSS, and CPU with keepalives and pings running.
 bench-idle: $(BIN)/pytest

@@ -2,8 +2,10 @@
 
 Run as ``.venv/bin/python bench/firestore_latency.py`` (``--keep-logs`` keeps the
 emulator's and the instances' logs, otherwise removed after a successful run).
-It starts the bundled Firestore emulator (``node tests/emulator/start.js
-<port>``) and two instances of the service on it (gunicorn's gevent worker,
+It starts the Firestore emulator the tests start (tests/emulators.py: Google's
+Cloud Firestore emulator where it is installed, else the npm one, ``node
+tests/emulator/start.js <port>``; ``CANARY_TEST_EMULATOR=npm`` forces that
+one) and two instances of the service on it (gunicorn's gevent worker,
 ``WEB_CONCURRENCY=1`` each, dev API on), A and B, bound to 127.0.0.1, and
 measures:
 
@@ -15,8 +17,8 @@ measures:
 (c) ``member_joined`` at the owner (on A) for a member joining on B, and on A;
 (d) for 1, 100 and 1,000 distinct images (``--images``) watched by one instance
     (each by one client; clients in sessions of ``--session-size``), each size
-    on a FRESH emulator (the bundled one re-runs every listener's query on each
-    write, so a shared one slows down): ``--writes`` keypoints writes, one at a
+    on a FRESH emulator (both re-run every listener's query on each write, so
+    a shared one slows down): ``--writes`` keypoints writes, one at a
     time, half on the image of a bare ``on_snapshot`` listener in this process
     (timed by both), half spread over the other images: write → ``labels_snapshot``
     p50/p99 through the service against the bare listener; the worker's CPU over
@@ -27,16 +29,17 @@ measures:
     table says how many notifications arrived of those expected.
 
 ``--project DIR`` starts another tree's service (its gunicorn.conf.py and
-wsgi.py, with this Python), ``--launcher PATH`` another emulator launcher (one
-beside no node_modules uses this repository's); ``--images-only`` runs (d) only,
-``--images 0`` skips it; ``--help`` lists the sizes and budgets.
+wsgi.py, with this Python), ``--launcher PATH`` an npm emulator launcher such
+as another tree's start.js (one beside no node_modules uses this
+repository's); ``--images-only`` runs (d) only, ``--images 0`` skips it;
+``--help`` lists the sizes and budgets.
 
-Membership changes of a session are made one at a time: the bundled emulator
-does not isolate transactions (see the README). Every wait is bounded; (a) to
+Membership changes of a session are made one at a time: the npm emulator does
+not isolate transactions (see the README). Every wait is bounded; (a) to
 (c) take about a minute, (d) a few minutes at the default sizes; the run stops
 by itself (a watchdog kills what it started if anything hangs) and only speaks
-to 127.0.0.1. (The emulator itself listens on every interface:
-@firestore-emulator/server binds 0.0.0.0.)
+to 127.0.0.1. (The npm emulator itself listens on every interface:
+@firestore-emulator/server binds 0.0.0.0; Google's is started on 127.0.0.1.)
 """
 
 from __future__ import annotations
@@ -79,7 +82,10 @@ from fanout import machine as machine_facts
 from proxy_process import ProxyError, ProxyProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-EMULATOR_DIR = ROOT / "tests" / "emulator"
+sys.path.insert(0, str(ROOT / "tests"))
+import emulators  # noqa: E402 (tests/emulators.py: which Firestore emulator to start, and how)
+
+EMULATOR_DIR = emulators.EMULATOR_DIR
 PROJECT = "demo-canary-bench"
 
 #: No new measurement starts after this many seconds; the watchdog ends everything at HARD_LIMIT_SECONDS.
@@ -147,25 +153,35 @@ def watchdog(limit: float = HARD_LIMIT_SECONDS) -> None:
 
 
 class Emulator:
-    """`node <launcher> <port>` (default: this repository's tests/emulator/start.js). A launcher beside no
+    """The Firestore emulator the tests start (tests/emulators.py: Google's where installed, else `node
+    tests/emulator/start.js <port>`), or `node <launcher> <port>` for a given npm launcher. A launcher beside no
     node_modules of its own (another tree's, e.g. an older checkout's) loads this repository's packages."""
 
-    def __init__(self, log_dir: Path, launcher: Path = EMULATOR_DIR / "start.js", name: str = "emulator") -> None:
+    def __init__(self, log_dir: Path, launcher: Path | None = None, name: str = "emulator") -> None:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.log = log_dir / f"{name}.log"
+        self.kind = emulators.kind() if launcher is None else "npm"
         env = None
-        if not (launcher.parent / "node_modules").is_dir():
-            env = {**os.environ, "NODE_PATH": str(EMULATOR_DIR / "node_modules")}
-        self.process = spawn(["node", str(launcher), str(self.port)], launcher.parent, self.log, env)
+        if self.kind == "google":
+            args, cwd = emulators.command("google", self.port), log_dir
+        else:
+            launcher = launcher or EMULATOR_DIR / "start.js"
+            args, cwd = ["node", str(launcher), str(self.port)], launcher.parent
+            if not (launcher.parent / "node_modules").is_dir():
+                env = {**os.environ, "NODE_PATH": str(EMULATOR_DIR / "node_modules")}
+        # Its own process group (spawn): stop() and the watchdog reach the JVM or node itself.
+        self.process = spawn(args, cwd, self.log, env)
 
         def ready() -> bool:
             if self.process.poll() is not None:
                 raise BenchError(f"the emulator exited with {self.process.returncode}: {self.log.read_text()[-500:]}")
+            if self.kind == "google":
+                return emulators.answers_ok(self.host)
             return f"ready {self.port}" in self.log.read_text()
 
         try:
-            wait_until(ready, 30, "the Firestore emulator")
+            wait_until(ready, 60, f"the {self.kind} Firestore emulator")
         except BaseException:
             stop(self.process, 10)
             raise
@@ -175,16 +191,17 @@ class Server:
     """One instance: ``gunicorn -c gunicorn.conf.py wsgi:app``, bound to 127.0.0.1."""
 
     def __init__(self, name: str, log_dir: Path, emulator: Emulator | None, *, project: Path = ROOT,
-                 firestore_host: str | None = None, config: str = "gunicorn.conf.py", **extra_env: str) -> None:
+                 firestore_host: str | None = None, config: str = "gunicorn.conf.py", workers: int = 1,
+                 **extra_env: str) -> None:
         """On `emulator` (reached at `firestore_host` if given: a proxy), or on the memory store (None), from
         the tree `project` (its wsgi.py and, unless `config` names another, its gunicorn.conf.py, run with this
-        Python)."""
+        Python), with `workers` gunicorn workers (WEB_CONCURRENCY; `worker` is the first, `workers` all)."""
         self.name = name
         self.port = free_port()
         self.log = log_dir / f"server-{name}.log"
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("CANARY_", "JWT_", "CORS_", "FIRESTORE_", "GCP_", "GOOGLE_", "GUNICORN_"))}
-        env.update(PORT=str(self.port), CANARY_DEV_API="1", WEB_CONCURRENCY="1", LOG_LEVEL="WARNING")
+        env.update(PORT=str(self.port), CANARY_DEV_API="1", WEB_CONCURRENCY=str(workers), LOG_LEVEL="WARNING")
         if emulator is None:
             env.update(CANARY_STORE="memory")
         else:
@@ -196,10 +213,12 @@ class Server:
                               "-b", f"127.0.0.1:{self.port}", "wsgi:app"], project, self.log, env)
         try:
             wait_until(self._healthy, 30, f"instance {name} to answer /health")
-            workers = wait_until(lambda: children(self.process.pid), 10, f"the gunicorn worker of {name}")
-            if len(workers) != 1:
-                raise BenchError(f"expected one gunicorn worker for {name}, found {workers}")
-            self.worker = workers[0]
+            found = wait_until(lambda: (lambda pids: pids if len(pids) >= workers else None)(
+                children(self.process.pid)), 10, f"the gunicorn workers of {name}")
+            if len(found) != workers:
+                raise BenchError(f"expected {workers} gunicorn worker(s) for {name}, found {found}")
+            self.workers = sorted(found)
+            self.worker = self.workers[0]
         except BaseException:
             self.stop()
             raise
@@ -602,7 +621,7 @@ class Watcher(NamedTuple):
 
 
 def join(server: Server, lane: int, indices: list[int], deadline: float) -> tuple[list[Watcher], Counter[str]]:
-    """Session `lane`: its owner, then its members one at a time (the bundled emulator does not isolate
+    """Session `lane`: its owner, then its members one at a time (the npm emulator does not isolate
     transactions), each to watch its own image; stops at `deadline` or after 3 failures in a row.
     The clients that joined, and why the others did not."""
     watchers: list[Watcher] = []
@@ -672,7 +691,7 @@ def scale_run(images: int, options: Any, log_dir: Path) -> dict[str, Any]:
             _started.append(proxy.process)
         server = Server(f"S{images}", log_dir, emulator, project=options.project,
                         firestore_host=proxy.host if proxy else None)
-        print(f"  {images} image(s): emulator 127.0.0.1:{emulator.port}"
+        print(f"  {images} image(s): {emulator.kind} emulator 127.0.0.1:{emulator.port}"
               + (f", proxy 127.0.0.1:{proxy.port} (100 streams per connection)" if proxy else "")
               + f", service 127.0.0.1:{server.port} (worker {server.worker})", flush=True)
 
@@ -813,7 +832,7 @@ def images_at_scale(options: Any, log_dir: Path, results: list[dict[str, Any]]) 
           f"sessions of {options.session_size}; {options.writes} writes each (+{options.warmup_writes} not "
           f"counted), a fresh emulator per size" + ("; the service behind the 100-stream proxy" if options.proxy
                                                    else ""), flush=True)
-    print(f"    service tree {options.project}, emulator launcher {options.launcher}", flush=True)
+    print(f"    service tree {options.project}, emulator {emulator_in_use(options)}", flush=True)
     for n in options.images:
         results.append(scale_run(n, options, log_dir))
 
@@ -887,8 +906,9 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--project", type=Path, default=ROOT,
                         help="the tree whose gunicorn.conf.py/wsgi.py is started, with this Python "
                              "(default: this repository)")
-    parser.add_argument("--launcher", type=Path, default=EMULATOR_DIR / "start.js",
-                        help="the emulator launcher (default: this repository's tests/emulator/start.js)")
+    parser.add_argument("--launcher", type=Path, default=None,
+                        help="an npm emulator launcher, e.g. another tree's start.js (default: the tests' emulator, "
+                             "Google's where installed, else this repository's tests/emulator/start.js)")
     parser.add_argument("--images-only", action="store_true", help="only (d): skip (a), (b) and (c)")
     parser.add_argument("--images", type=sizes, default=[1, 100, 1000],
                         help="(d): distinct images watched by one process, one client each (default 1,100,1000; "
@@ -908,10 +928,11 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
                         help="(d): the service reaches the emulator through the tests' 100-stream gRPC proxy")
     options = parser.parse_args(argv)
     options.project = options.project.resolve()
-    options.launcher = options.launcher.resolve()
+    if options.launcher is not None:
+        options.launcher = options.launcher.resolve()
     if not (options.project / "wsgi.py").is_file() or not (options.project / "gunicorn.conf.py").is_file():
         parser.error(f"--project {options.project}: no wsgi.py and gunicorn.conf.py there")
-    if not options.launcher.is_file():
+    if options.launcher is not None and not options.launcher.is_file():
         parser.error(f"--launcher {options.launcher}: no such file")
     return options
 
@@ -945,8 +966,8 @@ def latencies(options: argparse.Namespace, log_dir: Path, began: float, deadline
         servers.append(Server("A", log_dir, emulator, project=options.project))
         servers.append(Server("B", log_dir, emulator, project=options.project))
         a, b = servers
-        print(f"emulator 127.0.0.1:{emulator.port}; instances A 127.0.0.1:{a.port}, B 127.0.0.1:{b.port} "
-              f"(one gevent worker each); started in {time.monotonic() - began:.1f} s", flush=True)
+        print(f"{emulator.kind} emulator 127.0.0.1:{emulator.port}; instances A 127.0.0.1:{a.port}, "
+              f"B 127.0.0.1:{b.port} (one gevent worker each); started in {time.monotonic() - began:.1f} s", flush=True)
         db = firestore_db(emulator.host)
         write_to_notification(a, db, began + BUDGET_SECONDS * 0.3)
         listeners_vs_clients(a)
@@ -960,13 +981,31 @@ def latencies(options: argparse.Namespace, log_dir: Path, began: float, deadline
         stop(emulator.process, 10)
 
 
+def emulator_in_use(options: argparse.Namespace) -> str:
+    """What `Emulator(log_dir, options.launcher)` starts, in words."""
+    if options.launcher is not None:
+        return f"npm: launcher {options.launcher}"
+    return emulators.describe(emulators.kind())
+
+
+def npm_emulator_missing(options: argparse.Namespace) -> str | None:
+    """Why the emulator cannot be started (the npm one needs Node.js and tests/emulator/node_modules), or None."""
+    try:
+        if options.launcher is None and emulators.kind() == "google":
+            return None
+    except emulators.ChoiceError as e:
+        return str(e)
+    if shutil.which("node") is None:
+        return "node is not installed (the npm Firestore emulator needs Node.js)"
+    if not (EMULATOR_DIR / "node_modules").is_dir():
+        return "the npm emulator is not installed: run `make test` once (npm ci in tests/emulator)"
+    return None
+
+
 def main() -> int:
     options = parse_options()
-    if shutil.which("node") is None:
-        print("node is not installed (the bundled Firestore emulator needs Node.js)", file=sys.stderr)
-        return 2
-    if not (EMULATOR_DIR / "node_modules").is_dir():
-        print("the emulator is not installed: run `make test` once (npm ci in tests/emulator)", file=sys.stderr)
+    if missing := npm_emulator_missing(options):
+        print(missing, file=sys.stderr)
         return 2
     classic = not options.images_only
     limit = (HARD_LIMIT_SECONDS if classic else 0.0) + sum(

@@ -2,8 +2,9 @@
 
 Run as ``.venv/bin/python bench/storm.py`` (``make bench-storm``; ``--help`` for the options). For each store
 (Firestore, then the memory store) it starts one instance of the service (gunicorn's gevent worker,
-``WEB_CONCURRENCY=1``, dev API on) and, on Firestore, a fresh bundled emulator with the tests' counting gRPC
-proxy between them (100 concurrent streams per connection, calls counted by method; bench/proxy_process.py).
+``WEB_CONCURRENCY=1``, dev API on) and, on Firestore, a fresh emulator (the tests' choice: Google's where
+installed, else the npm one; tests/emulators.py) with the tests' counting gRPC proxy between them (100
+concurrent streams per connection, calls counted by method; bench/proxy_process.py).
 An owner creates the session; then:
 
 * join storm: N TCP connections are opened, then all N upgrade requests
@@ -25,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -38,7 +38,7 @@ from typing import Any
 
 import firestore_latency as fl
 from fanout import BenchError, cpu_seconds
-from firestore_latency import EMULATOR_DIR, ROOT, Emulator, Server, firestore_db, print_table, stop
+from firestore_latency import ROOT, Emulator, Server, firestore_db, print_table, stop
 from proxy_process import ProxyError, ProxyProcess
 from wsclient import Closed, Connection, Refused, close_frame
 
@@ -92,6 +92,8 @@ class Member:
         self.user = f"storm-{number:05}"
         self.conn: Connection | None = None
         self.outcome = "not connected"
+        self.refusal = b""  # the body of a refusal (its first 200 bytes)
+        self.refused_at: float | None = None  # perf_counter when it was read
         self.welcomed_at: float | None = None
         self.ended_at: float | None = None
         self.reader: asyncio.Task[int] | None = None
@@ -106,6 +108,8 @@ async def admit(member: Member, deadline: float) -> None:
         await conn.upgraded(max(0.01, deadline - time.monotonic()))
     except Refused as e:
         member.outcome = f"HTTP {e.status}"
+        member.refusal = e.body[:200]
+        member.refused_at = time.perf_counter()
         conn.abort()
         return
     except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
@@ -263,7 +267,7 @@ def run_store(store: str, options: Any, log_dir: Path) -> list[dict[str, Any]]:
         server = Server(f"storm-{store}", log_dir, emulator, project=options.project,
                         firestore_host=proxy.host if proxy else None)
         print(f"  {store}: service 127.0.0.1:{server.port} (worker {server.worker})"
-              + (f", emulator 127.0.0.1:{emulator.port}" if emulator else "")
+              + (f", {emulator.kind} emulator 127.0.0.1:{emulator.port}" if emulator else "")
               + (f", proxy 127.0.0.1:{proxy.port} (100 streams per connection)" if proxy else ""), flush=True)
         return asyncio.run(storm(server, store, options, emulator, proxy, db))
     except (BenchError, OSError, ProxyError, Closed, Refused, TimeoutError) as e:
@@ -331,16 +335,19 @@ def main() -> int:
                         help="how often the session document is read while waiting for it (default 0.05 s)")
     parser.add_argument("--project", type=Path, default=ROOT,
                         help="the tree whose gunicorn.conf.py/wsgi.py is started (default: this repository)")
-    parser.add_argument("--launcher", type=Path, default=EMULATOR_DIR / "start.js",
-                        help="the emulator launcher (default: this repository's tests/emulator/start.js)")
+    parser.add_argument("--launcher", type=Path, default=None,
+                        help="an npm emulator launcher, e.g. another tree's start.js (default: the tests' emulator, "
+                             "Google's where installed, else this repository's tests/emulator/start.js)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs of what was started")
     options = parser.parse_args()
-    options.project, options.launcher = options.project.resolve(), options.launcher.resolve()
+    options.project = options.project.resolve()
+    if options.launcher is not None:
+        options.launcher = options.launcher.resolve()
     stores = [s.strip() for s in options.stores.split(",") if s.strip()]
     if not stores or any(s not in ("firestore", "memory") for s in stores):
         parser.error("--stores takes firestore and/or memory")
-    if "firestore" in stores and (shutil.which("node") is None or not (EMULATOR_DIR / "node_modules").is_dir()):
-        print("the emulator needs Node.js and `npm ci` in tests/emulator (run `make test` once)", file=sys.stderr)
+    if "firestore" in stores and (missing := fl.npm_emulator_missing(options)):
+        print(missing, file=sys.stderr)
         return 2
 
     limit = len(stores) * (3 * options.timeout + 120)

@@ -62,9 +62,13 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
                               passwords=BcryptPasswords(offload=lambda fn, *args: threadpool.apply(fn, args)),
                               inbound=InboundLimits(config.inbound_frames_per_second, config.set_image_id_per_second),
                               max_clients=config.client_capacity, max_per_user=config.max_connections_per_user,
-                              max_per_address=config.max_connections_per_address, on_commit=metrics.commit)
+                              max_per_address=config.max_connections_per_address, on_commit=metrics.commit,
+                              commit_interval=config.session_write_interval,
+                              settle_seconds=config.firestore_timeout_seconds)
+    sessions.on_session_write(metrics.session_write)
     sessions.start()
     gevent.spawn(_every, config.process_lease_seconds / 3, sessions.maintain)
+    gevent.spawn(_every, 1.0, sessions.tick)
     metrics.refresh(sessions, store)
     gevent.spawn(_every, METRICS_REFRESH_SECONDS, lambda: metrics.refresh(sessions, store))
     app.extensions["canary"] = sockets.Services(config, sessions, auth, tokens, store)

@@ -39,6 +39,9 @@ class Config:
     owner_grace_seconds: float = 0.0
     reconnect_grace_seconds: float = 30.0
     process_lease_seconds: float = 15.0
+    #: The session document is written at most once per this many seconds (Firestore sustains about one
+    #: write a second on a document); 0 on the memory store, which has no such limit.
+    session_write_seconds: float | None = None
     session_token_seconds: float = 60.0
     #: A login token valid for longer than this is refused (Canary's are issued for 30 days).
     max_login_token_seconds: float = 31 * 24 * 3600.0
@@ -65,6 +68,13 @@ class Config:
     dev_api: bool = False
 
     @property
+    def session_write_interval(self) -> float:
+        """Seconds between two writes of one session document: SESSION_WRITE_SECONDS, else 1 on Firestore."""
+        if self.session_write_seconds is not None:
+            return self.session_write_seconds
+        return 1.0 if self.store == "firestore" else 0.0
+
+    @property
     def allowed_origins(self) -> frozenset[str] | None:
         """The allowed origins, or None when any origin is allowed."""
         origins = {o.strip() for o in self.cors_allow_origin.split(",") if o.strip()}
@@ -87,6 +97,7 @@ class Config:
             owner_grace_seconds=reader.number("OWNER_GRACE_SECONDS", cls.owner_grace_seconds, zero=True),
             reconnect_grace_seconds=reader.number("RECONNECT_GRACE_SECONDS", cls.reconnect_grace_seconds),
             process_lease_seconds=reader.number("PROCESS_LEASE_SECONDS", cls.process_lease_seconds),
+            session_write_seconds=reader.number("SESSION_WRITE_SECONDS", None, zero=True),
             session_token_seconds=reader.number("SESSION_TOKEN_SECONDS", cls.session_token_seconds),
             max_login_token_seconds=reader.number("MAX_LOGIN_TOKEN_SECONDS", cls.max_login_token_seconds),
             inbound_frames_per_second=reader.number("INBOUND_FRAMES_PER_SECOND", cls.inbound_frames_per_second),

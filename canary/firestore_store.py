@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -140,6 +142,7 @@ class FirestoreStore(Store):
         retry = gretry.Retry(initial=0.1, maximum=1.0, multiplier=2.0, timeout=timeout,
                              predicate=gretry.if_transient_error)
         self._deadline: dict[str, Any] = {"retry": retry, "timeout": timeout}
+        self._timeout = timeout
         self._mux = ListenMux.for_client(client)
 
     @classmethod
@@ -221,16 +224,25 @@ class FirestoreStore(Store):
             raise _translate(e) from e
 
     def transaction(self, fn: Callable[[Transaction], T]) -> T:
+        """Run `fn` in a transaction. The client library retries an aborted commit 5 times at once (keeping
+        its place in the lock queue); past that this retries the whole transaction with jittered exponential
+        backoff (50 ms doubling to 1 s) until the call deadline, then raises `StoreError`."""
         @firestore.transactional
         def run(txn: firestore.Transaction) -> T:
             return fn(_FirestoreTransaction(self, txn))
 
-        try:
-            return run(self._client.transaction())
-        except gexc.GoogleAPIError as e:
-            raise _translate(e) from e
-        except ValueError as e:  # the library's "failed to commit after N attempts"
-            raise StoreError(str(e)) from e
+        deadline = time.monotonic() + self._timeout
+        delay = 0.05
+        while True:
+            try:
+                return run(self._client.transaction())
+            except (gexc.Aborted, ValueError) as e:  # ValueError: the library's "failed to commit in N attempts"
+                if time.monotonic() + delay >= deadline:
+                    raise (_translate(e) if isinstance(e, gexc.GoogleAPIError) else StoreError(str(e))) from e
+            except gexc.GoogleAPIError as e:
+                raise _translate(e) from e
+            time.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, 1.0)
 
     def _decode(self, document: Message) -> Document:
         return Document(document.name.rsplit("/", 1)[-1], _helpers.decode_dict(document.fields, self._client))

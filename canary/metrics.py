@@ -58,7 +58,8 @@ FRAMES_RECEIVED = Counter("canary_frames_received", "Client frames handled, by m
 REFUSALS = Counter("canary_refusals", "HTTP answers of status 400 and above, by status", ["status"])
 CLOSES = Counter("canary_closes", "WebSocket connections ended, by close code (1006: none)", ["code"])
 STORE_ERRORS = Counter("canary_store_errors", "Failed store calls, by kind", ["kind"])
-COMMITS = Counter("canary_membership_commits", "Membership transactions committed")
+COMMITS = Counter("canary_membership_commits", "Membership transactions committed (presence documents)")
+SESSION_WRITES = Counter("canary_session_writes", "Session documents written by their writer (this process)")
 CHANGES = Counter("canary_membership_changes", "Membership changes those transactions carried")
 WRITES_PER_COMMIT = Histogram("canary_commit_writes", "Documents written per membership commit",
                               buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500))
@@ -106,6 +107,11 @@ def commit(changes: int, writes: int) -> None:
     COMMITS.inc()
     CHANGES.inc(changes)
     WRITES_PER_COMMIT.observe(writes)
+
+
+def session_write() -> None:
+    """A session document written by its writer (records.SessionRecords' `on_session_commit`)."""
+    SESSION_WRITES.inc()
 
 
 _published_errors: dict[str, int] = {}

@@ -13,6 +13,7 @@ import logging
 
 from flask import Blueprint, Response, jsonify, request
 
+from . import ids
 from .auth import bearer_token
 from .errors import Refusal
 from .protocol import SEED
@@ -54,19 +55,21 @@ def ready() -> Response:
 
 
 def _user() -> str:
-    """The `userID` the request names, checked against its login token."""
+    """The `userID` the request names (one that can be a document key: ids.py), checked against its login
+    token."""
     user_id = request.args.get("userID", "").strip()
     if not user_id:
         raise Refusal(400, "the userID query parameter is required")
+    ids.user_id(user_id)
     services().auth.check(bearer_token(request.headers.get("Authorization"), request.args.get("auth")), user_id)
     return user_id
 
 
 @socket_route(bp, "/sessions/<batch_id>", endpoint="create_session", vocabulary=SEED)
 def _admit_owner(batch_id: str, address: str | None) -> Admission:
-    return services().sessions.open_session(batch_id, _user(), address)
+    return services().sessions.open_session(ids.batch_id(batch_id), _user(), address)
 
 
 @socket_route(bp, "/sessions/<session_id>/join", endpoint="join_session", vocabulary=SEED)
 def _admit_member(session_id: str, address: str | None) -> Admission:
-    return services().sessions.join_session(session_id, _user(), address)
+    return services().sessions.join_session(ids.session_id(session_id), _user(), address)

@@ -17,10 +17,12 @@ The owner and members of one session may be connected to different processes.
 Each process that holds clients of a session follows the session document
 (one listener per session per process) and derives `member_joined`,
 `member_left`, `owner_left`, `owner_joined`, kicks and the end of the session
-from its changes. Events caused by this process's own clients are delivered at
-once and remembered (`known`, `owner_away`), so the same change arriving
-through the listener is not delivered twice; snapshots older than what this
-process already wrote or saw (`version`, from `lastUpdated`) are ignored.
+from its changes, which the session's one writer folds in from the presences
+(`records.py`, `session_writer.py`). A client's own arrival is announced at once
+by the process that admits it and remembered (`known`, `owner_away`), so the
+same change arriving through the listener is not delivered twice; departures
+are announced from the document. Snapshots older than what this process
+already saw (`version`, from `lastUpdated`) are ignored.
 """
 
 from __future__ import annotations
@@ -158,8 +160,6 @@ class _LiveSession:
     owner: Participant | None = None
     members: dict[str, Participant] = field(default_factory=dict)
     listener: Watch | None = None
-    writing: int = 0  # local store writes in flight: snapshots wait for them
-    pending: list[Data | None] = field(default_factory=list)
 
     def local(self) -> list[Participant]:
         return ([self.owner] if self.owner else []) + list(self.members.values())
@@ -211,7 +211,8 @@ class SessionManager:
                  inbound: InboundLimits | None = None, monotonic: Callable[[], float] = time.monotonic,
                  max_clients: int | None = None, max_per_user: int | None = None,
                  max_per_address: int | None = None,
-                 on_commit: Callable[[int, int], None] | None = None) -> None:
+                 on_commit: Callable[[int, int], None] | None = None, commit_interval: float = 0.0,
+                 settle_seconds: float = 10.0) -> None:
         self._store = store
         self.lease_held = False  # the last lease renewal succeeded and the process is not stopping
         self._max_clients = max_clients
@@ -223,7 +224,10 @@ class SessionManager:
         self._monotonic = monotonic
         self._inbound = inbound or InboundLimits()
         self._records = SessionRecords(store, process_id or auto_id(), clock, holds=self._holds,
-                                       on_commit=on_commit or (lambda _changes, _writes: None))
+                                       on_commit=on_commit or (lambda _changes, _writes: None),
+                                       spawn=defer or (lambda fn: fn()), commit_interval=commit_interval,
+                                       settle_seconds=settle_seconds, lease_seconds=lease_seconds,
+                                       monotonic=monotonic)
         self._live: dict[str, _LiveSession] = {}
         self._admitting: set[str] = set()  # connections admitted, not yet connected nor abandoned
         self._connections: dict[str, Participant] = {}
@@ -250,6 +254,10 @@ class SessionManager:
     def stopping(self) -> bool:
         """Whether this process is restarting (it takes no new clients)."""
         return self._stopping
+
+    def on_session_write(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever this process writes a session document (for metrics)."""
+        self._records.on_session_commit = callback
 
     def run_pending(self) -> None:
         """Handle the store notifications queued by the default `defer` (the edge defers to its loop)."""
@@ -433,7 +441,7 @@ class SessionManager:
             else:
                 self._records.owner_left(sid, uid, admission.connection, self._owner_grace)
         except StoreError as e:
-            log.error("could not undo the admission of %r to %s: %s", uid, sid, e)
+            log.error("could not undo the admission of %r to %s yet (retried): %s", uid, sid, e)
 
     def _holds(self, connection: str) -> bool:
         """Whether this process is admitting, or holds live, the connection `connection`."""
@@ -539,23 +547,15 @@ class SessionManager:
         try:
             if self._stopping:
                 return
-            with self._writing(live):
-                if not participant.is_owner:
-                    version = self._records.leave(sid, uid, connection)
-                    if version is not None:  # None: it came back on another connection, or was already out
-                        live.version = max(live.version, version)
-                        _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_LEFT, uid))
-                        live.known.pop(uid, None)
-                    return
-                left = self._records.owner_left(sid, uid, connection, self._owner_grace)
-                if left.version is not None:
-                    live.version = max(live.version, left.version)
-                    live.owner_away = True
-                    _broadcast(live.local_members(), live.owner_event(Kind.OWNER_LEFT))
-            if left.ended and self._live.get(sid) is live:
+            # The others hear of it from the session document, once its writer has folded it in.
+            if not participant.is_owner:
+                self._records.leave(sid, uid, connection)
+                return
+            ended = self._records.owner_left(sid, uid, connection, self._owner_grace)
+            if ended and self._live.get(sid) is live:
                 self._end_here(live)
         except StoreError as e:
-            log.error("could not record that %r left session %s: %s", uid, sid, e)
+            log.error("could not record yet that %r left session %s (retried): %s", uid, sid, e)
         finally:
             self._forget_if_empty(live)
             self.run_pending()
@@ -584,13 +584,22 @@ class SessionManager:
         try:
             if lapsed:
                 log.warning("this process's lease ran out (a stall): re-asserting the clients it holds")
-                for live in list(self._live.values()):
-                    for participant in live.local():
-                        self._records.reassert(live.session_id, participant.user_id, participant.admission.role,
-                                               participant.admission.connection)
+                self._records.reassert((live.session_id, p.user_id, p.admission.role, p.admission.connection)
+                                       for live in list(self._live.values()) for p in live.local())
+            self._records.retry_unrecorded()
             self._records.reap(self._owner_grace, self._reconnect_grace)
         except StoreError as e:
             log.error("maintenance pass failed: %s", e)
+        self.run_pending()
+
+    def tick(self) -> None:
+        """Clean up the sessions this process writes (call every second: graces end on time)."""
+        if self._stopping:
+            return
+        try:
+            self._records.tick(self._owner_grace, self._reconnect_grace)
+        except StoreError as e:
+            log.error("clean-up of the sessions this process writes failed: %s", e)
         self.run_pending()
 
     def shutdown(self) -> None:
@@ -622,6 +631,7 @@ class SessionManager:
             "image_watches": sum(p.watches.active for p in local),
             "image_listeners": self._listeners.count(),
             "session_listeners": sum(1 for s in self._live.values() if s.listener is not None),
+            "session_writers": len(self._records.writers()),  # each follows its session's presences
         }
 
     # -- following a session -------------------------------------------------------
@@ -640,27 +650,10 @@ class SessionManager:
                       state.session_id, e)
         return live
 
-    @contextmanager
-    def _writing(self, live: _LiveSession) -> Iterator[None]:
-        """Around a store write for `live` and the events it causes here: snapshots arriving meanwhile
-        wait until both are done, so a change is never announced twice."""
-        live.writing += 1
-        try:
-            yield
-        finally:
-            live.writing -= 1
-            if not live.writing:
-                pending, live.pending = live.pending, []
-                for doc in pending:
-                    self._apply(live, doc)
-
     def _on_snapshot(self, live: _LiveSession, doc: Data | None) -> None:
         if self._live.get(live.session_id) is not live:
             return  # no longer followed
-        if live.writing:
-            live.pending.append(doc)
-        else:
-            self._apply(live, doc)
+        self._apply(live, doc)
 
     def _apply(self, live: _LiveSession, doc: Data | None) -> None:
         if self._live.get(live.session_id) is not live:

@@ -33,6 +33,9 @@ SESSION_LOCKS = "sessionLocks"
 SESSION_PRESENCE = "sessionPresence"
 #: This service's own: one document per running process, with the lease it renews.
 PROCESSES = "collabProcesses"
+#: This service's own: one document per session, ID = session ID, naming the one process of the
+#: deployment that writes the session document (`session_writer.py`).
+SESSION_WRITERS = "sessionWriters"
 
 _AUTO_ID_ALPHABET = string.ascii_letters + string.digits
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from . import ids
 from .auth import bearer_token
 from .errors import Refusal
 from .protocol import WEBAPP, rfc3339
@@ -50,10 +51,12 @@ def _json(body: dict[str, Any], status: int = 200) -> Response:
 
 
 def _caller() -> tuple[str, dict[str, Any]]:
-    """The `userID` a REST call names and its login token's claims ({} when the service is open)."""
+    """The `userID` a REST call names (one that can be a document key: ids.py) and its login token's claims
+    ({} when the service is open)."""
     user_id = request.args.get("userID", "").strip()
     if not user_id:
         raise Refusal(400, "Missing userID query parameter")
+    ids.user_id(user_id)
     return user_id, services().auth.check(bearer_token(request.headers.get("Authorization"), None), user_id)
 
 
@@ -79,6 +82,7 @@ def _email(claims: dict[str, Any]) -> str | None:
 
 @bp.post("/sessions/<batch_id>")
 def create_session(batch_id: str) -> Response:
+    ids.batch_id(batch_id)
     user_id, claims = _caller()
     password = _password()
     state = services().sessions.create_session(batch_id, user_id, password, _email(claims))
@@ -88,6 +92,7 @@ def create_session(batch_id: str) -> Response:
 
 @bp.post("/sessions/<session_id>/join")
 def join_session(session_id: str) -> Response:
+    ids.session_id(session_id)
     user_id, claims = _caller()
     password = _password()
     svc = services()
@@ -100,6 +105,7 @@ def join_session(session_id: str) -> Response:
 
 @bp.delete("/sessions/<session_id>")
 def stop_session(session_id: str) -> Response:
+    ids.session_id(session_id)
     user_id, _ = _caller()
     services().sessions.stop(session_id, user_id)
     return Response(status=204)
@@ -107,6 +113,8 @@ def stop_session(session_id: str) -> Response:
 
 @bp.delete("/sessions/<session_id>/members/<member_id>")
 def kick_member(session_id: str, member_id: str) -> Response:
+    ids.session_id(session_id)
+    ids.user_id(member_id, "memberID")
     user_id, _ = _caller()
     services().sessions.kick(session_id, user_id, member_id)
     return _json({"removed": True})
@@ -117,10 +125,19 @@ def active_sessions() -> Response:
     batch_id, project_id = request.args.get("batchID"), request.args.get("projectID")
     if not batch_id and not project_id:
         raise Refusal(400, "Provide projectID or batchID")
+    if batch_id:
+        ids.batch_id(batch_id)
+    elif project_id:
+        ids.project_id(project_id)
     svc = services()
     claims = svc.auth.identify(bearer_token(request.headers.get("Authorization"), None))
     # Without a JWT secret (development) the caller is the userID it names, if any: then every session shows.
-    caller = claims["userID"] if claims is not None else (request.args.get("userID") or None)
+    if claims is not None:
+        caller: str | None = ids.user_id(claims["userID"], "userID in the login token")
+    else:
+        caller = request.args.get("userID") or None
+        if caller is not None:
+            ids.user_id(caller)
     found = svc.sessions.active(batch_id=batch_id or None, project_id=None if batch_id else project_id,
                                 caller=caller)
     return _json({"sessions": [{
@@ -140,10 +157,15 @@ def _rfc3339(value: Any) -> str:
 def _attach(session_id: str, role: str, address: str | None) -> Admission:
     """A web-app socket: its session token, its login token, then the store (sessions.attach)."""
     svc = services()
+    ids.session_id(session_id)
     token = request.args.get("token", "")
     if not token:
         raise Refusal(401, "missing token")
     claims = svc.tokens.verify(token, session_id)
+    # Signed by this service's key, but checked as any ID a request names (another service may share the key).
+    ids.user_id(claims.user_id, "userID in the session token")
+    if claims.batch_id:
+        ids.batch_id(claims.batch_id, "batchID in the session token")
     if svc.auth.enabled:  # the login token (browsers pass it as `auth`) must be the same user's
         try:
             svc.auth.check(bearer_token(request.headers.get("Authorization"), request.args.get("auth")),

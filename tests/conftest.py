@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
 import itertools
 import json
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import emulators
 import pytest
 import websocket
 from grpc_proxy import Proxy
@@ -36,7 +40,7 @@ TIMEOUT = 10.0
 _ids = itertools.count()
 #: /dev/stats of a process holding nothing.
 IDLE = {"sessions": 0, "participants": 0, "image_watches": 0, "image_listeners": 0, "session_listeners": 0,
-        "store_watches": 0}
+        "session_writers": 0, "store_watches": 0}
 
 
 def unique(prefix: str) -> str:
@@ -75,53 +79,125 @@ def stop_process(process: subprocess.Popen[str], grace: float) -> None:
             process.wait()
 
 
-EMULATOR_DIR = ROOT / "tests" / "emulator"
-#: Why read-modify-write races are not tested on the bundled emulator.
-EMULATOR_GAP = ("@firestore-emulator/server does not isolate transactions (concurrent read-modify-write "
-                "transactions lose updates, with no retry); set FIRESTORE_EMULATOR_HOST to an emulator "
-                "that does to run this test on Firestore")
+EMULATOR_DIR = emulators.EMULATOR_DIR
+#: Why read-modify-write races are not tested on the npm fallback emulator.
+EMULATOR_GAP = ("@firestore-emulator/server (the npm fallback) does not isolate transactions (concurrent "
+                "read-modify-write transactions lose updates, with no retry); install Google's Cloud Firestore "
+                "emulator, or set FIRESTORE_EMULATOR_HOST to an emulator that does, to run this test on Firestore")
 
 
 @dataclass
 class Emulator:
-    """A Firestore emulator: the bundled one (started here) or an external one."""
+    """A Firestore emulator: one started here (Google's, or the npm fallback) or an external one."""
 
     host: str
     process: subprocess.Popen[str] | None = None
+    #: "google" (Google's Cloud Firestore emulator), "npm" (@firestore-emulator/server through
+    #: tests/emulator/start.js) or "external" (FIRESTORE_EMULATOR_HOST's, unless it answers as Google's does).
+    kind: str = "external"
+    log_path: Path | None = None
 
     @property
     def bundled(self) -> bool:
+        """Whether it is the npm fallback, with its gaps: transactions not isolated, commits not all-or-nothing,
+        `set()` merging; and start.js's own Listen (tests/test_emulator.py)."""
+        return self.kind == "npm"
+
+    @property
+    def started(self) -> bool:
+        """Whether the tests started it (and so may start another like it)."""
         return self.process is not None
 
     @classmethod
-    def start(cls, tmp: Path, port: int | None = None) -> Emulator:
-        port = port or free_port()
-        log = (tmp / f"emulator-{port}.log").open("w")
-        process = subprocess.Popen(["node", str(EMULATOR_DIR / "start.js"), str(port)], cwd=EMULATOR_DIR,
-                                   stdout=log, stderr=subprocess.STDOUT, text=True)
-        emulator = cls(f"127.0.0.1:{port}", process)
+    def external(cls, host: str) -> Emulator:
+        """FIRESTORE_EMULATOR_HOST's emulator: "google" if it answers `GET /` with `Ok` as Google's does."""
+        return cls(host, kind="google" if emulators.answers_ok(host) else "external")
 
-        def listening() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"the emulator exited with {process.returncode}")
+    @classmethod
+    def start(cls, tmp: Path, port: int | None = None, kind: str | None = None) -> Emulator:
+        """Start an emulator of `kind` (None: Google's where installed, else the npm one; see tests/emulators.py)
+        on `port` (None: a free one, another if it is taken before the emulator binds it)."""
+        kind = kind or emulators.kind()
+        for attempt in range(3):
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
+                return cls._start(tmp, port or free_port(), kind)
+            except _PortTaken:
+                if port is not None or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
-        wait_for(listening, timeout=30, what="the Firestore emulator")
+    @classmethod
+    def _start(cls, tmp: Path, port: int, kind: str) -> Emulator:
+        log_path = tmp / f"emulator-{port}.log"
+        with log_path.open("w") as log:
+            # Its own process group: stop() signals the group, so nothing it started outlives it.
+            process = subprocess.Popen(emulators.command(kind, port), cwd=EMULATOR_DIR if kind == "npm" else tmp,
+                                       stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        emulator = cls(f"127.0.0.1:{port}", process, kind, log_path)
+        _emulators.append(emulator)
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                output = log_path.read_text()
+                if "Address already in use" in output or "EADDRINUSE" in output:
+                    raise _PortTaken(port)
+                raise AssertionError(f"the {kind} Firestore emulator exited with {process.returncode}:\n{output}")
+            return emulators.ready(kind, emulator.host)
+
+        try:
+            # A JVM starting on a busy machine (the suite runs servers and other emulators meanwhile) can take
+            # many times its usual 1-3 s.
+            wait_for(ready, timeout=60, what=f"the {kind} Firestore emulator on port {port}",
+                     detail=lambda: log_path.read_text()[-2000:])
+            if kind == "google":
+                emulator.warm_up()
+        except BaseException:
+            emulator.stop()
+            raise
         return emulator
 
+    def warm_up(self) -> None:
+        """One read through gRPC: a fresh JVM answers its first call in about a second (several on a busy
+        machine), which must not count against a test's short FIRESTORE_TIMEOUT_SECONDS."""
+        client = self.client()
+        try:
+            client.collection("warm-up").document("warm-up").get(timeout=60)
+        finally:
+            client.close()
+
     def stop(self) -> None:
-        if self.process is not None:
-            # It holds nothing to flush, but a busy emulator (every listener's query re-run per write) can take
-            # longer than the grace to reach its SIGTERM handler.
-            stop_process(self.process, grace=10)
+        """SIGTERM its process group (SIGKILL if it is still there 10 s later). It holds nothing to flush, but
+        a busy emulator (every listener's query re-run per write) can take longer than that to reach its
+        handler."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
     def client(self, project: str | None = None) -> Any:
         """A google-cloud-firestore client on this emulator (`project`: the tests' own by default)."""
         return firestore_client(self.host, project)
+
+
+class _PortTaken(Exception):
+    """The emulator could not bind its port (taken between `free_port()` and its start)."""
+
+
+#: Every emulator started by this run: whatever a failed test left running is stopped when the run ends.
+_emulators: list[Emulator] = []
+
+
+@atexit.register
+def _stop_emulators() -> None:
+    for emulator in _emulators:
+        emulator.stop()
 
 
 FIRESTORE_PROJECT = "demo-canary-tests"
@@ -165,14 +241,14 @@ class Server:
         return self.log_path.read_text()
 
     def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, *,
-                raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+                raw: bytes | None = None, timeout: float = TIMEOUT) -> tuple[int, dict[str, str], bytes]:
         """`body` is sent as JSON; `raw`, as it is."""
         data = json.dumps(body).encode() if body is not None else raw
         req = urllib.request.Request(self.http + path, data=data, method=method, headers=headers or {})
         if data is not None and "Content-Type" not in (headers or {}):
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
@@ -292,12 +368,35 @@ def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | No
     return server
 
 
-@pytest.fixture(scope="session")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
-    """FIRESTORE_EMULATOR_HOST's emulator if set, else the bundled one, started for this run."""
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        emulators.kind()
+    except emulators.ChoiceError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which Firestore emulator the Firestore tests run on."""
     external = os.environ.get("FIRESTORE_EMULATOR_HOST")
     if external:
-        yield Emulator(external)
+        kind = Emulator.external(external).kind
+        return f"firestore emulator: {kind}, FIRESTORE_EMULATOR_HOST={external} (not started by the tests)"
+    return f"firestore emulator: {emulators.describe(emulators.kind())}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """With -q (no header), the same line at the end."""
+    if config.get_verbosity() < 0:
+        terminalreporter.write_line(pytest_report_header(config))
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """FIRESTORE_EMULATOR_HOST's emulator if set, else one started for this run (Google's where installed, else
+    the npm fallback: see tests/emulators.py)."""
+    external = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    if external:
+        yield Emulator.external(external)
         return
     started = Emulator.start(tmp_path_factory.mktemp("emulator"))
     yield started
@@ -330,7 +429,7 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def isolating_store(request: pytest.FixtureRequest, store_kind: str) -> None:
-    """Skip a race test where the store does not isolate transactions (the bundled emulator)."""
+    """Skip a race test where the store does not isolate transactions (the npm fallback emulator)."""
     if store_kind == "firestore" and request.getfixturevalue("emulator").bundled:
         pytest.skip(EMULATOR_GAP)
 

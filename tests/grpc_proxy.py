@@ -1,7 +1,7 @@
 """A gRPC pass-through proxy for tests: Google's front-end stream limit, RPC counts, crashes and latency.
 
 Real Firestore sits behind a front end that allows at most 100 concurrent HTTP/2 streams per connection;
-gRPC clients queue further streams (and unary calls behind them) silently. The bundled emulator has no such
+gRPC clients queue further streams (and unary calls behind them) silently. Neither emulator has such a
 limit, so tests put this proxy in front of it::
 
     proxy = Proxy("127.0.0.1:8080").start()  # FIRESTORE_EMULATOR_HOST=proxy.host

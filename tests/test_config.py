@@ -69,10 +69,19 @@ def test_valid_values_are_read() -> None:
         ("TRUSTED_PROXIES", "-1"), ("INBOUND_FRAMES_PER_SECOND", "0"), ("SET_IMAGE_ID_PER_SECOND", "inf"),
         ("SESSION_TOKEN_SECONDS", "0"), ("MAX_LOGIN_TOKEN_SECONDS", "-5"),
         ("WORKER_CONNECTIONS", "abc"), ("WORKER_CONNECTIONS", "0"),
+        ("SESSION_WRITE_SECONDS", "-1"), ("SESSION_WRITE_SECONDS", "abc"), ("SESSION_WRITE_SECONDS", "inf"),
     ],
 )
 def test_numbers_are_checked(name: str, value: str) -> None:
     refused({name: value}, name)
+
+
+def test_session_writes_are_paced_on_firestore_only_unless_told() -> None:
+    firestore = {"CANARY_STORE": "firestore", "GCP_PROJECT_ID": "p"}
+    assert Config.from_env(firestore).session_write_interval == 1.0
+    assert Config.from_env({"CANARY_STORE": "memory"}).session_write_interval == 0.0
+    assert Config.from_env({**firestore, "SESSION_WRITE_SECONDS": "0.25"}).session_write_interval == 0.25
+    assert Config.from_env({**firestore, "SESSION_WRITE_SECONDS": "0"}).session_write_interval == 0.0
 
 
 @pytest.mark.parametrize("value", ["55", "55.0", "120"])

@@ -1,12 +1,15 @@
-"""The bundled emulator's multiplexing Listen (tests/emulator/start.js), driven through the raw RPC.
+"""The npm fallback emulator's multiplexing Listen (tests/emulator/start.js), driven through the raw RPC.
 
 The package serves one target per stream; start.js lets one stream carry many
 (add_target, remove_target, ending the stream), as the Firestore Web SDK uses it.
 These tests speak google.firestore.v1 Listen directly: requests are fed from a
 queue, responses collected by a thread, documents written with a normal client.
 
-Where a test counts the emulator's change listeners (start.js prints them on
-SIGUSR2) it runs on an emulator of its own, so no other test's listeners count.
+These tests test the launcher, so they run on npm emulators of their own,
+whichever emulator the other tests run on (Google's where it is installed): the
+fallback stays tested. Where a test counts the emulator's change listeners
+(start.js prints them on SIGUSR2) it runs on another emulator of its own, so no
+other test's listeners count.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -22,7 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import FIRESTORE_PROJECT, Emulator, firestore_client, unique, wait_for
+from conftest import EMULATOR_DIR, FIRESTORE_PROJECT, Emulator, firestore_client, unique, wait_for
 from google.cloud.firestore_v1 import types
 from google.cloud.firestore_v1.services.firestore.transports.grpc import FirestoreGrpcTransport
 
@@ -128,10 +132,19 @@ def listen(emulator: Emulator) -> Iterator[Callable[..., Listen]]:
         stream.close()
 
 
-@pytest.fixture(autouse=True)
-def _bundled(emulator: Emulator) -> None:
-    if not emulator.bundled:
-        pytest.skip("tests the bundled emulator's Listen (tests/emulator/start.js)")
+def _npm_emulator(tmp_path_factory: pytest.TempPathFactory, name: str) -> Emulator:
+    if shutil.which("node") is None or not (EMULATOR_DIR / "node_modules").is_dir():
+        pytest.skip("tests the npm fallback emulator's launcher (tests/emulator/start.js): needs Node.js and "
+                    "`npm ci --prefix tests/emulator` (`make test` runs it)")
+    return Emulator.start(tmp_path_factory.mktemp(name), kind="npm")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """This module's own npm emulator (in place of the session's, which may be Google's)."""
+    started = _npm_emulator(tmp_path_factory, "npm-emulator")
+    yield started
+    started.stop()
 
 
 # -- targets and documents -------------------------------------------------------------
@@ -223,11 +236,10 @@ class OwnEmulator:
 
 @pytest.fixture(scope="module")
 def own_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnEmulator]:
-    tmp = tmp_path_factory.mktemp("own-emulator")
-    emulator = Emulator.start(tmp)
-    port = emulator.host.rsplit(":", 1)[1]
+    emulator = _npm_emulator(tmp_path_factory, "own-emulator")
+    assert emulator.log_path is not None
     try:
-        yield OwnEmulator(emulator, tmp / f"emulator-{port}.log")
+        yield OwnEmulator(emulator, emulator.log_path)
     finally:
         emulator.stop()
 
@@ -262,7 +274,7 @@ def test_one_target_gets_add_documents_current_no_change_then_its_changes(emulat
         assert types.ListenResponse.pb(r).target_change.HasField("read_time"), r
 
     c = keypoint(client, image, n=3)
-    stream.wait(lambda s: ("DOC", (1,), c) in s, "the new document's change")
+    stream.wait(lambda s: completed(s, ("DOC", (1,), c)), "the round of the new document's change")
     summaries = stream.summaries()
     changed = round_with(summaries, ("DOC", (1,), c))
     assert changed[0] == ("RESET", (1,)), changed
@@ -337,7 +349,7 @@ def test_a_removed_target_is_acknowledged_and_gets_nothing_more(own: OwnEmulator
 
     a2 = keypoint(own.client, x)  # would reach target 1 before b2 reaches target 2, were it still live
     b2 = keypoint(own.client, y)
-    stream.wait(lambda s: ("DOC", (2,), b2) in s, "target 2's new document")
+    stream.wait(lambda s: completed(s, ("DOC", (2,), b2)), "the round of target 2's new document")
     after = stream.summaries()[removed_at + 1:]
     assert [s for s in after if 1 in s[1]] == [], after
     assert docs_in(round_with(stream.summaries(), ("DOC", (2,), b2))) == sorted([b, b2])

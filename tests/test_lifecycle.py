@@ -250,7 +250,7 @@ def test_everything_returns_to_zero_after_everyone_leaves(server_factory) -> Non
                       what="22 watches")
     assert loaded["image_listeners"] == 6  # 3 images: their listeners are shared
     assert loaded["session_listeners"] == 1
-    assert loaded["store_watches"] == 7
+    assert loaded["store_watches"] == 8  # 6 images, the session document, its presences (it writes them)
     assert loaded["participants"] == 11
     assert loaded["greenlets"] > base["greenlets"]
     for m in members[:5]:

@@ -164,7 +164,7 @@ def test_no_listener_is_left_after_many_switches(server_factory) -> None:
     stats = server.stats()
     assert stats["image_watches"] == 2 * len(clients)
     assert stats["image_listeners"] == 2 * len(images)
-    assert stats["store_watches"] == stats["image_listeners"] + stats["session_listeners"]
+    assert stats["store_watches"] == stats["image_listeners"] + stats["session_listeners"] + stats["session_writers"]
     for client in members:
         client.close()
     host.close()
@@ -182,7 +182,7 @@ def test_clients_watching_the_same_image_share_listeners(server_factory) -> None
     stats = server.stats()
     assert stats["image_watches"] == 100
     assert stats["image_listeners"] == 6
-    assert stats["store_watches"] == 6 + 1  # and one on the session document
+    assert stats["store_watches"] == 6 + 1 + 1  # and one on the session document, one on its presences
     # Every watcher of an image is told of its changes through the shared listener.
     server.put("keypoints", unique("kp"), {"imageID": images[1], "keypointID": "k"})
     for i, client in enumerate(clients):

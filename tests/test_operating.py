@@ -51,7 +51,9 @@ def test_metrics_move_with_clients_summed_over_two_workers(firestore_only: None,
 
     def counted() -> dict:
         samples = scrape(server)
-        return samples if value(samples, "canary_clients", role="member", api="seed") == 6 else {}
+        # Gauges and per-type frame counts are published once a second: wait for both.
+        return samples if value(samples, "canary_clients", role="member", api="seed") == 6 and \
+            value(samples, "canary_frames_received_total", type="setImageID") == 6 else {}
 
     samples = wait_for(counted, what="6 members counted", detail=lambda: scrape(server))
     assert value(samples, "canary_clients", role="owner", api="seed") == 1
@@ -82,7 +84,8 @@ def test_metrics_move_with_clients_summed_over_two_workers(firestore_only: None,
 
     def settled() -> dict:
         samples = scrape(server)
-        return samples if value(samples, "canary_clients", role="member", api="seed") == 0 else {}
+        return samples if value(samples, "canary_clients", role="member", api="seed") == 0 and \
+            value(samples, "canary_clients", role="owner", api="seed") == 0 else {}
 
     samples = wait_for(settled, what="nobody counted any more", detail=lambda: scrape(server))
     assert value(samples, "canary_refusals_total", status="404") >= 1
@@ -150,7 +153,11 @@ def _non_loopback_address() -> str | None:
 
 def test_ready_flips_on_a_store_outage(tmp_path: Path) -> None:
     emulator = Emulator.start(tmp_path)
-    server = start_server(tmp_path, emulator, READY_TIMEOUT_SECONDS="1", FIRESTORE_TIMEOUT_SECONDS="2")
+    try:
+        server = start_server(tmp_path, emulator, READY_TIMEOUT_SECONDS="1", FIRESTORE_TIMEOUT_SECONDS="2")
+    except BaseException:
+        emulator.stop()
+        raise
     try:
         assert server.request("GET", "/ready")[0] == 200
         emulator.stop()

@@ -1,10 +1,10 @@
 """Sessions across real processes: two gunicorn instances sharing one Firestore emulator.
 
-The bundled emulator does not isolate transactions, so two processes writing the
-same session document at the same instant can lose an update there (not on
-Firestore). These tests therefore wait for each membership change to be seen
-before making the next; the interleavings themselves are covered by the
-sans-I/O tests in test_processes_unit.py.
+The npm fallback emulator does not isolate transactions, so two processes
+writing the same session document at the same instant can lose an update there
+(not on Firestore, nor on Google's emulator). These tests therefore wait for
+each membership change to be seen before making the next; the interleavings
+themselves are covered by the sans-I/O tests in test_processes_unit.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -87,43 +86,6 @@ def test_membership_events_reach_every_process_exactly_once(start: Callable[...,
         wait_for(lambda s=server: s.stats()["sessions"] == 0, what="nothing followed any more")
 
 
-def test_sigterm_closes_clients_with_1012_and_they_continue_elsewhere(start: Callable[..., Server]) -> None:
-    # Time enough for 99 clients to come back before the grace ends, even on a busy machine.
-    a, b = start(RECONNECT_GRACE_SECONDS="20"), start(RECONNECT_GRACE_SECONDS="20")
-    batch, owner = b.batch()
-    host = Client.connect(owner_url(b, batch, owner))
-    sid = host.welcome["sessionID"]
-    members = {f"m{i:03}": Client.connect(join_url(a, sid, f"m{i:03}")) for i in range(100)}
-    until(host, "member_joined", "m099", timeout=30)
-
-    signalled = time.monotonic()
-    a.process.send_signal(signal.SIGTERM)
-    for name, client in members.items():
-        assert client.closed_with(skip=(*QUIET, "member_joined")) == 1012, name
-    assert time.monotonic() - signalled < 2, "every client is closed within 2 s"
-    a.process.wait(timeout=5)
-    assert time.monotonic() - signalled < 5
-
-    doc = b.doc("sessions", sid)
-    assert [m["id"] for m in doc["members"]] == list(members)  # a restart is not a leave
-    returning = list(members)[:-1]
-    with ThreadPoolExecutor(10) as pool:
-        back = dict(zip(returning, pool.map(lambda name: Client.connect(join_url(b, sid, name)), returning),
-                        strict=True))
-    assert all(c.welcome["type"] == "session_joined" for c in back.values())
-    host.roundtrip()  # the owner was told nothing: nobody left, nobody joined
-
-    # m099 never comes back: removed after the grace by the process that is alive.
-    left = until(host, "member_left", timeout=45)
-    assert [(m["type"], m.get("memberID")) for m in left] == [("member_left", "m099")]
-    assert [m["id"] for m in b.doc("sessions", sid)["members"]] == list(back)
-    back["m000"].send({"type": "ping"})
-    assert until(back["m000"], "pong")[-1]["type"] == "pong"
-    for client in back.values():
-        client.close()
-    host.close()
-
-
 def _owner_on_a_member_on_b(start: Callable[..., Server]) -> tuple[Server, Server, str, str, Client, Client]:
     a, b = start(OWNER_GRACE_SECONDS=GRACE), start(OWNER_GRACE_SECONDS=GRACE)
     batch, owner = a.batch()
@@ -144,12 +106,13 @@ def test_owner_grace_resume_and_expiry(start: Callable[..., Server]) -> None:
     assert (host.welcome["type"], host.welcome["sessionID"]) == ("session_created", sid)
     joined = until(member, "owner_joined")[-1]
     assert joined == {"type": "owner_joined", "sessionID": sid, "ownerID": owner, "time": joined["time"]}
-    assert b.doc("sessions", sid)["ownerLeftAt"] is None
+    # The member is told at once by the owner's process; the document follows when its writer folds it in.
+    wait_for(lambda: b.doc("sessions", sid)["ownerLeftAt"] is None, what="the owner back in the document")
 
     # Gone for longer than the grace: the session ends as if the owner had left for good.
+    gone = time.monotonic()
     host.close()
     until(member, "owner_left")
-    gone = time.monotonic()
     assert until(member, "session_closed", timeout=15)[-1]["sessionID"] == sid
     assert member.closed_with(skip=QUIET) == 4000
     assert time.monotonic() - gone >= float(GRACE) - 0.5
@@ -178,14 +141,16 @@ def _kill(client: Client) -> None:
 
 
 def test_churn_leaves_the_store_matching_the_connected_clients(start: Callable[..., Server]) -> None:
-    a, b = start(), start()
+    # 250 changes one after another: the session document may be written more often than Firestore's
+    # sustained once a second here (what is tested is that the store ends up right).
+    a, b = start(SESSION_WRITE_SECONDS="0.02"), start(SESSION_WRITE_SECONDS="0.02")
     batch, owner = a.batch()
     host = Client.connect(owner_url(a, batch, owner))
     sid = host.welcome["sessionID"]
     rng = random.Random(2026)
     users = [f"u{i:02}" for i in range(20)]
     connected: dict[str, Client] = {}
-    for _ in range(500):
+    for _ in range(250):
         user = rng.choice(users)
         if user in connected:
             client = connected.pop(user)

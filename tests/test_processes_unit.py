@@ -11,10 +11,11 @@ import pytest
 
 from canary.errors import Refusal
 from canary.memory_store import MemoryStore
+from canary.presence import MarkAway
 from canary.protocol import Frame
-from canary.records import _MarkAway, presence_id
+from canary.records import presence_id
 from canary.sessions import Participant, SessionManager
-from canary.store import PROCESSES, SESSION_LOCKS, SESSION_PRESENCE, SESSIONS
+from canary.store import PROCESSES, SESSION_LOCKS, SESSION_PRESENCE, SESSION_WRITERS, SESSIONS
 
 SEED = {
     "users": {u: {"email": f"{u}@example.com"} for u in ("owner", "m1", "m2", "m3")},
@@ -250,6 +251,12 @@ def test_a_killed_process_is_cleaned_up_after_its_lease_and_the_grace() -> None:
     world.clock.advance(2)
     world.b.maintain()
     world.b.run_pending()
+    assert m2_peer.take() == []  # A's lease ran out, but a stall is not a death: one more lease of margin
+    assert world.store.get(SESSION_WRITERS, sid)["process"] == "B"  # B writes A's session now
+
+    world.clock.advance(LEASE)
+    world.b.maintain()
+    world.b.run_pending()
     assert m2_peer.take() == [("owner_left", "owner")]  # the owner's process is gone
     world.clock.advance(max(OWNER_GRACE, RECONNECT_GRACE))
     world.b.maintain()
@@ -281,7 +288,7 @@ def test_a_process_whose_lease_ran_out_while_it_stalled_keeps_its_clients() -> N
     _, m2_peer = world.join(world.b, sid, "m2")
     m2_peer.take()
 
-    world.clock.advance(LEASE + 1)  # A stalls: no renewal; B takes A's clients for gone
+    world.clock.advance(2 * LEASE + 1)  # A stalls for its lease and the margin: B takes A's clients for gone
     world.b.maintain()
     world.settle()
     assert m2_peer.take() == [("owner_left", "owner")]
@@ -310,7 +317,7 @@ def test_a_stalled_process_that_renews_before_its_clients_are_marked_keeps_them(
     world.a.maintain()  # A renews its lease before B's marking commits
     lease = world.store.get(PROCESSES, "A")["leaseUntil"]
     for presence in listed:
-        world.b._records._submit(sid, _MarkAway(presence.data["userID"], "A", lease, lease))
+        world.b._records._submit(sid, MarkAway(presence.data["userID"], "A", lease, lease))
     assert world.store.get(SESSION_PRESENCE, presence_id(sid, "m1"))["away"] is False
     assert world.store.get(SESSION_PRESENCE, presence_id(sid, "owner"))["away"] is False
     world.b.maintain()

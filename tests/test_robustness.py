@@ -7,7 +7,7 @@ import time
 
 import jwt
 import pytest
-from conftest import Client, Refused, Server, join_url, owner_url, scrape, value, wait_for
+from conftest import Client, Refused, Server, connect_at_once, join_url, owner_url, scrape, value, wait_for
 
 SECRET = "test-secret-for-canary-" + "0123456789abcdef" * 3
 
@@ -53,8 +53,13 @@ def test_a_dead_owner_ends_the_session(idle_server: Server) -> None:
     dead_host.close()
 
 
+#: Members joining (then leaving) at once in each round of the busy session below, and the clients' queue: their
+#: messages, all queued at once, must fit in it (the owner, who reads them, is not too slow).
+BUSY_AT_ONCE, QUEUE_BYTES = 20, 16384
+
+
 def test_a_client_that_stops_reading_is_closed_with_1013_and_leaves(server_factory) -> None:
-    server = server_factory(CLIENT_QUEUE_BYTES="1024")
+    server = server_factory(CLIENT_QUEUE_BYTES=str(QUEUE_BYTES))
     batch, owner = server.batch()
     host = Client.connect(owner_url(server, batch, owner))
     sid = host.welcome["sessionID"]
@@ -62,20 +67,32 @@ def test_a_client_that_stops_reading_is_closed_with_1013_and_leaves(server_facto
                           sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
     assert host.recv()["type"] == "member_joined"
 
-    # The session is busy (someone joins and leaves, again and again) and the slow client reads
-    # nothing, until the socket buffers and then its queue are full. (A client flooding requests
-    # of its own is stopped by its inbound budget first: test_hostile.py.)
-    padding = "x" * 3000  # long user IDs: long membership messages, so the buffers fill in fewer rounds
+    # The session is busy (members join and leave, again and again) and the slow client reads nothing, until the
+    # socket buffers and then its queue are full. (A client flooding requests of its own is stopped by its
+    # inbound budget first: test_hostile.py.) Long user IDs make long membership messages, so the buffers fill
+    # in fewer rounds: 240 bytes, within the service's 256 (and Firestore's 1,500-byte document keys,
+    # `sessionPresence/{sessionID}_{userID}`). Each round's members join at once: a store paces its commits of
+    # one session document, so joins one at a time would take too long to fill the buffers before the slow
+    # client's idle timeout.
     seen: list[tuple[str, str]] = []
-    for i in range(3000):
-        busy = f"busy-{i}-{padding}"
-        Client.connect(join_url(server, sid, busy)).close()
-        while (message := host.recv())["memberID"] != busy or message["type"] != "member_left":
-            seen.append((message["type"], message["memberID"]))
+    for i in range(300):
+        busy = {f"busy-{i}-{j}-".ljust(240, "x") for j in range(BUSY_AT_ONCE)}
+        joined, refused = connect_at_once(sorted(join_url(server, sid, user) for user in busy))
+        assert refused == []
+        for client in joined:
+            client.close()
+        left: set[str] = set()
+        while left != busy:
+            message = host.recv()
+            if message["type"] == "member_left" and message["memberID"] in busy:
+                left.add(message["memberID"])
+            else:
+                seen.append((message["type"], message["memberID"]))
         if ("member_left", "slow") in seen:
             break
     assert ("member_left", "slow") in seen
-    assert server.doc("sessions", sid)["members"] == []
+    wait_for(lambda: server.doc("sessions", sid)["members"] == [], what="no member left in the session document",
+             detail=lambda: server.doc("sessions", sid))
     assert slow.closed_with(timeout=30, skip=("member_joined", "member_left", "keepalive")) == 1013
     assert "closing member 'slow'" in server.log()
     assert "with 1013" in server.log()

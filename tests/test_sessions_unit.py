@@ -211,7 +211,7 @@ def test_owner_disconnect_closes_the_session(manager: SessionManager, store: Mem
     assert store.get(SESSIONS, owner.session_id) is None
     assert store.get(SESSION_LOCKS, "b1") is None
     assert manager.stats() == {"sessions": 0, "participants": 0, "image_watches": 0, "image_listeners": 0,
-                               "session_listeners": 0}
+                               "session_listeners": 0, "session_writers": 0}
     assert store.watch_count() == 0
     assert "session_closed" not in owner_peer.types
 
@@ -341,7 +341,7 @@ def test_a_failing_watch_leaves_nothing_open() -> None:
     errors = [m for m in peer.messages if m["type"] == "error"]
     assert [e["code"] for e in errors] == ["watch_failed"]
     assert image_listeners(manager) == 0
-    assert store.watch_count() == 1  # the session document's listener only
+    assert store.watch_count() == 2  # the session document's listener, and its presences' (it writes it)
     assert manager.stats()["image_watches"] == 0
     assert peer.closes == []
 

@@ -42,11 +42,12 @@ class WebApp:
     secret: str | None = SECRET
 
     def call(self, method: str, path: str, body: Any = None, *, auth: bool = True,
-             headers: dict[str, str] | None = None) -> tuple[int, Any]:
+             headers: dict[str, str] | None = None, timeout: float = TIMEOUT) -> tuple[int, Any]:
         all_headers = {"Accept": "application/json", **(headers or {})}
         if auth and self.secret:
             all_headers["Authorization"] = f"Bearer {login_token(self.user, secret=self.secret)}"
-        status, response_headers, raw = self.server.request(method, path, body, headers=all_headers)
+        status, response_headers, raw = self.server.request(method, path, body, headers=all_headers,
+                                                            timeout=timeout)
         if response_headers.get("Content-Type", "").startswith("application/json"):
             return status, json.loads(raw)
         return status, raw.decode()
