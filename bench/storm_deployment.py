@@ -487,10 +487,11 @@ class Versions:
 
 
 def most_in_a_second(times: list[float]) -> int:
-    """The most of `times` (sorted, seconds) within any window of 1 s."""
+    """The most of `times` (sorted, seconds) within any window of 1 s (half open: two writes exactly 1 s
+    apart are not in the same one)."""
     best, lo = 0, 0
     for hi, t in enumerate(times):
-        while t - times[lo] > 1.0:
+        while t - times[lo] >= 1.0:
             lo += 1
         best = max(best, hi - lo + 1)
     return best

@@ -276,32 +276,31 @@ class SessionRecords:
                 followed = self._followed[session_id] = _Followed()
             followed.users += 1
         try:
-            check = self._monotonic()
             writer = self.writer_of(session_id)
             while True:
-                if writer is not None:
+                if writer is not None:  # this process writes it: fold now (within the pace), then read it
                     try:
                         writer.flush()
+                        seen, doc = True, self._store.get(SESSIONS, session_id)
                     except StoreError as e:  # its drain retries it; this caller waits within its deadline
                         log.warning("could not write session %s yet: %s", session_id, e)
                         writer.drain_soon()
-                        self._sleep(min(0.25, max(0.0, deadline - self._monotonic())))
-                    doc = self._store.get(SESSIONS, session_id)
-                else:
+                        seen, doc = False, None
+                else:  # another process writes it: its snapshots tell (no read per caller)
                     if followed.watch is None:
                         followed.follow(self._store, session_id)
-                    doc = followed.latest(self._store, session_id)
-                if done(doc):
+                    seen, doc = followed.latest()
+                if seen and done(doc):
                     return doc
                 remaining = deadline - self._monotonic()
                 if remaining <= 0:
                     raise Refusal(503, "the session is busy; try again in a moment",
                                   headers={"Retry-After": "2"})
-                if writer is None:
-                    followed.wait(min(remaining, 1.0))
-                    if self._monotonic() - check >= 1.0:  # is its writer still there?
-                        check = self._monotonic()
-                        writer = self.writer_of(session_id, fresh=True)
+                if followed.watch is None:
+                    followed.follow(self._store, session_id)
+                followed.wait(min(remaining, 1.0))
+                if writer is None and followed.check_due(self._monotonic()):  # is its writer still there?
+                    writer = self.writer_of(session_id, fresh=True)  # (one caller a second asks)
         finally:
             with self._followed_lock:
                 followed.users -= 1
@@ -578,6 +577,7 @@ class _Followed:
         self._cond = threading.Condition()
         self._doc: Data | None = None
         self._seen = False
+        self._checked = float("-inf")
 
     def follow(self, store: Store, session_id: str) -> None:
         self.watch = store.watch_document(SESSIONS, session_id, self._deliver)
@@ -587,11 +587,18 @@ class _Followed:
             self._doc, self._seen = doc, True
             self._cond.notify_all()
 
-    def latest(self, store: Store, session_id: str) -> Data | None:
+    def latest(self) -> tuple[bool, Data | None]:
+        """Whether a snapshot has come, and the last one."""
         with self._cond:
-            if self._seen:
-                return self._doc
-        return store.get(SESSIONS, session_id)
+            return self._seen, self._doc
+
+    def check_due(self, now: float) -> bool:
+        """True for the first caller each second: it checks the session's writer for all of them."""
+        with self._cond:
+            due = now - self._checked >= 1.0
+            if due:
+                self._checked = now
+            return due
 
     def wait(self, timeout: float) -> None:
         with self._cond:

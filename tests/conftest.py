@@ -552,6 +552,21 @@ def connect_at_once(urls: list[str], timeout: float = TIMEOUT) -> tuple[list[Cli
     return accepted, sorted(refused)
 
 
+def close_at_once(clients: list[Client]) -> None:
+    """Close all `clients` at the same instant (one thread each), as a crowd leaving together."""
+    barrier = threading.Barrier(len(clients))
+
+    def close(client: Client) -> None:
+        barrier.wait(TIMEOUT)
+        client.close()
+
+    threads = [threading.Thread(target=close, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+
+
 def owner_url(server: Server, batch: str, user: str) -> str:
     return f"{server.ws}/sessions/{batch}?userID={user}"
 

@@ -20,6 +20,7 @@ from conftest import (
     Client,
     Emulator,
     Server,
+    close_at_once,
     connect_at_once,
     join_url,
     owner_url,
@@ -163,17 +164,7 @@ def test_forty_members_leaving_at_once_from_four_processes_leave_no_ghost(
         clients, refused = connect_at_once([join_url((a, b)[i % 2], sid, u) for i, u in enumerate(users)])
         assert refused == [], f"round {round_}"
         heard(host, "member_joined", set(users))
-        barrier = threading.Barrier(len(clients))
-
-        def leave(client: Client, barrier: threading.Barrier = barrier) -> None:
-            barrier.wait(TIMEOUT)
-            client.close()
-
-        threads = [threading.Thread(target=leave, args=(c,)) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
+        close_at_once(clients)
         left = heard(host, "member_left", set(users))
         assert set(left.values()) == {1}, f"round {round_}: {left}"
         assert members(a, sid) == [], f"round {round_}: ghosts"

@@ -3,11 +3,10 @@ restart). On Firestore the service reaches the emulator through the proxy, which
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import pytest
-from conftest import TIMEOUT, Client, Server, connect_at_once, join_url, owner_url, wait_for
+from conftest import Client, Server, close_at_once, connect_at_once, join_url, owner_url, wait_for
 from grpc_proxy import Proxy
 
 STORM = 500
@@ -48,18 +47,7 @@ def test_a_join_storm_admits_everyone_and_a_leave_storm_empties_the_session(
     for member in members[::50]:  # and members are served (not closed as slow either)
         member.roundtrip_after(skip=("member_joined",))
 
-    # Everyone leaves at once.
-    barrier = threading.Barrier(STORM)
-
-    def leave(member: Client) -> None:
-        barrier.wait(TIMEOUT)
-        member.close()
-
-    threads = [threading.Thread(target=leave, args=(m,)) for m in members]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
+    close_at_once(members)  # everyone leaves at once
     left = {host.recv(timeout=30)["memberID"] for _ in users}
     assert left == set(users)
     wait_for(lambda: server.doc("sessions", sid)["members"] == [], what="no member left in the document")
