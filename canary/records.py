@@ -170,6 +170,10 @@ class SessionRecords:
         if writer is not None:
             writer.written(presences)
 
+    def session_gone(self, session_id: str) -> None:
+        """The session ended (here, or its document is gone): its writer here, if any, steps down."""
+        self._ended(session_id)
+
     def _ended(self, session_id: str) -> None:
         """This process ended the session: its writer here, if any, steps down."""
         writer = self._written.get(session_id)

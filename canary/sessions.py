@@ -691,6 +691,7 @@ class SessionManager:
     def _end_here(self, live: _LiveSession) -> None:
         """The session document is gone (the session ended, here or on another process)."""
         self._unfollow(live)
+        self._records.session_gone(live.session_id)
         event = Event(Kind.SESSION_CLOSED, sessionID=live.session_id)
         for participant in live.local():
             participant.watches.stop()
