@@ -343,6 +343,9 @@ def start_server(tmp: Path, emulator: Emulator | None = None, *, via: Proxy | No
         "CANARY_DEV_API": "1",
         "WEB_CONCURRENCY": "1",
         "LOG_LEVEL": "DEBUG",
+        # Tests make changes one after another and wait for each: the session document may be written
+        # ten times a second here (production: once; tests/test_cross_process.py runs at that pace).
+        "SESSION_WRITE_SECONDS": "0.1",
         **env,
     }
     full_env.pop("FIRESTORE_EMULATOR_HOST", None)

@@ -50,7 +50,8 @@ def deployment(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., Ser
         proxy = Proxy(emulator.host).start()
         proxies.append(proxy)
         settings = {"PROCESS_LEASE_SECONDS": LEASE, "RECONNECT_GRACE_SECONDS": GRACE,
-                    "WEB_CONCURRENCY": str(workers), "LOG_LEVEL": "INFO"}
+                    "WEB_CONCURRENCY": str(workers), "LOG_LEVEL": "INFO",
+                    "SESSION_WRITE_SECONDS": "1"}  # production's pace
         server = start_server(tmp_path, emulator, via=proxy, project=project, **{**settings, **env})
         server.proxy = proxy  # type: ignore[attr-defined]
         return server
@@ -61,6 +62,16 @@ def deployment(tmp_path: Path, emulator: Emulator) -> Iterator[Callable[..., Ser
     finally:
         for proxy in proxies:
             proxy.stop()
+
+
+@pytest.fixture
+def isolating(emulator: Emulator) -> None:
+    """Storms of hundreds over four processes need an emulator that isolates transactions and keeps up: the
+    npm fallback does neither (its answers to concurrent commits are not Firestore's), so they are skipped
+    there, saying why."""
+    if emulator.bundled:
+        pytest.skip("the npm fallback emulator neither isolates transactions nor keeps up with storms over "
+                    "four processes; install Google's (see the README)")
 
 
 def session_writes(*instances: Server) -> float:
@@ -95,7 +106,8 @@ def barrier_event(host: Client, server: Server, sid: str, kind: str, name: str) 
     return sentinel
 
 
-def test_a_join_storm_over_four_processes_admits_everyone_once(deployment: Callable[..., Server]) -> None:
+def test_a_join_storm_over_four_processes_admits_everyone_once(deployment: Callable[..., Server],
+                                                               isolating: None) -> None:
     a, b = deployment(PROCESS_LEASE_SECONDS="15"), deployment(PROCESS_LEASE_SECONDS="15")
     batch, owner = a.batch()
     host = Client.connect(owner_url(a, batch, owner))
@@ -120,7 +132,7 @@ def test_a_join_storm_over_four_processes_admits_everyone_once(deployment: Calla
         client.close()
 
 
-def test_the_same_storm_through_the_web_apps_api(deployment: Callable[..., Server]) -> None:
+def test_the_same_storm_through_the_web_apps_api(deployment: Callable[..., Server], isolating: None) -> None:
     from test_webapp import WebApp, member  # the web app's client, without a JWT secret here
 
     a, b = deployment(PROCESS_LEASE_SECONDS="15"), deployment(PROCESS_LEASE_SECONDS="15")
@@ -172,7 +184,8 @@ def test_forty_members_leaving_at_once_from_four_processes_leave_no_ghost(
     host.close()
 
 
-def test_a_rolling_restart_loses_nobody_and_announces_nothing(deployment: Callable[..., Server]) -> None:
+def test_a_rolling_restart_loses_nobody_and_announces_nothing(deployment: Callable[..., Server],
+                                                              isolating: None) -> None:
     # Leases of the default length: 300 clients arriving at once on two cores are not a stall.
     a, b = (deployment(RECONNECT_GRACE_SECONDS="30", PROCESS_LEASE_SECONDS="15") for _ in range(2))
     batch, owner = b.batch()

@@ -135,7 +135,8 @@ def test_an_emulator_restart_mid_session_does_not_crash_the_service(tmp_path) ->
         assert member.recv(skip=snapshots)["type"] == "session_closed"
         assert member.closed_with() == 4000
         assert server.process.poll() is None
-        wait_for(lambda: server.stats()["store_watches"] == 0, what="no listener left")
+        wait_for(lambda: server.stats()["store_watches"] == 0, what="no listener left",
+                 detail=lambda: server.stats(watch=True))
         assert "Traceback" not in server.log()
     finally:
         server.stop()
