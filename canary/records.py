@@ -94,7 +94,7 @@ class SessionRecords:
                  spawn: Callable[[Callable[[], None]], Any] = lambda fn: fn(),
                  commit_interval: float = 0.0, settle_seconds: float = 10.0, lease_seconds: float = 15.0,
                  monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] | None = None) -> None:
         self._store = store
         self.on_commit = on_commit  # called with the changes and the documents written of each commit
         self.on_session_commit: Callable[[], None] = lambda: None  # each write of a session document
@@ -106,7 +106,8 @@ class SessionRecords:
         self._settle_seconds = settle_seconds
         self._lease_seconds = lease_seconds
         self._monotonic = monotonic
-        self._sleep = sleep
+        # Looked up when called, not when this module was imported: under gevent, the patched sleep.
+        self._sleep = sleep or (lambda seconds: time.sleep(seconds))
         self._groups: dict[str, Group] = {}
         self._groups_lock = threading.Lock()
         self._written: dict[str, SessionWriter] = {}  # the sessions this process writes

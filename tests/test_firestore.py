@@ -93,7 +93,8 @@ def test_an_emulator_restart_mid_session_does_not_crash_the_service(tmp_path) ->
         assert host.recv()["type"] == "member_joined"
         image = unique("image")
         member.send({"type": "setImageID", "payload": {"imageID": image}})
-        assert {member.recv()["type"], member.recv()["type"]} == {"labels_snapshot", "bounding_boxes_snapshot"}
+        # The first watches of a freshly started emulator (a cold JVM) may take a while.
+        assert {member.recv(timeout=30)["type"] for _ in range(2)} == {"labels_snapshot", "bounding_boxes_snapshot"}
 
         emulator.stop()
         # Down: the service answers, connected clients are served, store-bound requests fail cleanly.

@@ -57,7 +57,8 @@ def crowd(server: Server, firestore_proxy: Proxy) -> None:
     # 600 image targets, and each session's presences (this process writes them all) and document.
     assert (stats["query_targets"], stats["document_targets"], stats["streams"]) == (600 + SESSIONS, SESSIONS, 1)
     assert stats["image_listeners"] == 600
-    assert firestore_proxy.peak_streams("Listen") == 1
+    # One stream (a stream reopened after a failure may overlap its predecessor at the proxy for a moment).
+    assert firestore_proxy.peak_streams("Listen") <= 1 + stats["stream_reopens"]
 
     # A change to every fifth image, written as another Canary service would: each of its watchers is told,
     # and nobody else.

@@ -194,7 +194,7 @@ def test_an_exception_in_the_transaction_commits_nothing(store: Store, coll: str
 
 def test_transactions_are_isolated_across_threads(store: Store, coll: str, atomic: None) -> None:
     store.set(coll, "list", {"items": []})
-    workers = 20
+    workers = 20 if isinstance(store, MemoryStore) else 6
     start = threading.Barrier(workers)
     errors: list[BaseException] = []
     committed: list[int] = []
