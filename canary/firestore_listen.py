@@ -54,6 +54,8 @@ STREAM_RETRY_INITIAL = 0.25
 STREAM_RETRY_MAX = 30.0
 #: A stream left without targets is closed after this long (the Web SDK's idle timeout).
 IDLE_CLOSE_SECONDS = 60.0
+#: A stream sent requests and has answered nothing for this long: taken for wedged, and reopened.
+UNANSWERED_SECONDS = 15.0
 #: How long `close` waits for the threads to end.
 CLOSE_TIMEOUT = 5.0
 
@@ -513,8 +515,10 @@ class ListenMux:
     def __init__(self, database: str, connect: Connect, *, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None, stream_retry_initial: float = STREAM_RETRY_INITIAL,
                  stream_retry_max: float = STREAM_RETRY_MAX, target_retry_initial: float = TARGET_RETRY_INITIAL,
-                 target_retry_max: float = TARGET_RETRY_MAX, idle_close: float = IDLE_CLOSE_SECONDS) -> None:
+                 target_retry_max: float = TARGET_RETRY_MAX, idle_close: float = IDLE_CLOSE_SECONDS,
+                 unanswered: float = UNANSWERED_SECONDS) -> None:
         self._connect = connect
+        self._unanswered = unanswered
         self._clock = clock
         self._rng = rng or random.Random()
         self._stream_retry = (stream_retry_initial, stream_retry_max)
@@ -531,6 +535,7 @@ class ListenMux:
         self._stream_failures = 0  # consecutive, since the last healthy snapshot
         self._incident = False  # a stream failure has been logged and not yet resolved
         self._idle_since: float | None = None
+        self._asked_at: float | None = None  # requests were sent since the stream's last response
         self._opened = 0
         self._callback_errors = 0
         self._failing: weakref.WeakSet[Any] = weakref.WeakSet()  # owners whose last delivery raised
@@ -600,11 +605,14 @@ class ListenMux:
         if self._stream is not None:
             for request in requests:
                 self._stream.requests.put(request)
+            if requests and self._asked_at is None:
+                self._asked_at = self._clock()
 
     def _supervise(self) -> None:
         while True:
             to_open: _Stream | None = None
             to_cancel: _Stream | None = None
+            idle = False
             with self._lock:
                 while True:
                     if self._closed:
@@ -620,11 +628,20 @@ class ListenMux:
                         if self._idle_since is None:
                             self._idle_since = now
                         if now - self._idle_since >= self._idle_close:
-                            to_cancel = self._detach()
+                            to_cancel, idle = self._detach(), True
                             break
                         timeout = _earliest(timeout, self._idle_since + self._idle_close - now)
                     else:
                         self._idle_since = None
+                    if self._stream is not None and self._asked_at is not None:
+                        # Seen on Google's emulator under gevent: a stream that takes requests and never answers
+                        # again, which no error ends. Every watch of the process would wait forever.
+                        if now - self._asked_at >= self._unanswered:
+                            log.warning("the Listen stream answered nothing for %.0f s; reopening it",
+                                        now - self._asked_at)
+                            to_cancel = self._detach()
+                            break
+                        timeout = _earliest(timeout, self._asked_at + self._unanswered - now)
                     upcoming = self._state.due()
                     self._flush()
                     if upcoming is not None:
@@ -633,7 +650,8 @@ class ListenMux:
             if to_open is not None:
                 self._start_stream(to_open)
             if to_cancel is not None and to_cancel.call is not None:
-                log.debug("closing the idle Listen stream")
+                if idle:
+                    log.debug("closing the idle Listen stream")
                 to_cancel.call.cancel()
 
     def _begin_stream(self) -> _Stream:
@@ -652,6 +670,7 @@ class ListenMux:
         stream.cancelled = True
         self._stream = None
         self._idle_since = None
+        self._asked_at = None
         self._state.stream_closed()
         return stream
 
@@ -690,6 +709,7 @@ class ListenMux:
         with self._lock:
             if stream.cancelled or self._stream is not stream:
                 return False
+            self._asked_at = None
             before = self._state.snapshots
             try:
                 deliveries = self._state.on_response(response)
@@ -745,6 +765,7 @@ class ListenMux:
                 self._reader = None
             if self._stream is stream:
                 self._stream = None
+                self._asked_at = None
                 self._state.stream_closed()
             if self._closed:
                 return

@@ -685,6 +685,25 @@ def test_an_idle_stream_is_closed_once_while_its_call_winds_down(idle_soon: tupl
     assert [r.message for r in caplog.records].count("closing the idle Listen stream") == 1
 
 
+def test_a_stream_that_answers_nothing_is_reopened_and_its_targets_served(caplog: pytest.LogCaptureFixture) -> None:
+    """A stream that takes requests and never answers (seen under gevent on Google's emulator, no error ending
+    it) would leave every watch of the process waiting forever: it is reopened, and its targets served."""
+    server = FakeServer()
+    mux = ListenMux(DATABASE, server.connect, unanswered=0.1)
+    try:
+        a = Recorder("a")
+        mux.listen(query_spec("i1"), a)
+        wedged = server.call(0)
+        wedged.adds(1)  # the add_target was sent; nothing ever comes back
+        wait_for(lambda: wedged.cancelled, what="the silent stream to be given up")
+        second = server.call(1)
+        serve(second, {second.adds(1)[0]: []})
+        assert a.wait(1) == []
+        assert any("answered nothing" in r.getMessage() for r in caplog.records)
+    finally:
+        mux.close()
+
+
 # -- on the emulator ---------------------------------------------------------------------------
 
 class Watched:
