@@ -277,10 +277,8 @@ class SessionRecords:
         deadline = started + self._settle_seconds
         with self._followed_lock:
             followed = self._followed.get(session_id)
-            if followed is None:  # one watch per session for all its callers (starting one does no I/O)
-                followed = _Followed()
-                followed.follow(self._store, session_id)
-                self._followed[session_id] = followed
+            if followed is None:
+                followed = self._followed[session_id] = _Followed()
             followed.users += 1
         try:
             writer = self.writer_of(session_id)
@@ -294,6 +292,8 @@ class SessionRecords:
                         writer.drain_soon()
                         seen, doc = False, None
                 else:  # another process writes it: its snapshots tell (no read per caller)
+                    if followed.watch is None:
+                        followed.follow(self._store, session_id)
                     seen, doc = followed.latest()
                 if seen and done(doc):
                     return doc
@@ -301,6 +301,8 @@ class SessionRecords:
                 if remaining <= 0:
                     raise Refusal(503, "the session is busy; try again in a moment",
                                   headers={"Retry-After": "2"})
+                if followed.watch is None:
+                    followed.follow(self._store, session_id)
                 followed.wait(min(remaining, 1.0))
                 if writer is None and followed.check_due(self._monotonic()):  # is its writer still there?
                     writer = self.writer_of(session_id, fresh=True)  # (one caller a second asks)

@@ -97,6 +97,7 @@ class SessionWriter:
         self._draining = False
         self._watch: Watch | None = None
         self.stopped = False
+        self.commits = 0
 
     def start(self, users: Iterable[str]) -> None:
         """Follow the session's presences; `users` (the members listed now) are checked at the next fold."""
@@ -217,6 +218,7 @@ class SessionWriter:
         with self._lock:
             self._folded.update(presences)
         if outcome == "written":
+            self.commits += 1
             records.session_commits += 1
             records.on_session_commit()
         elif outcome:
