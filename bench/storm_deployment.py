@@ -163,16 +163,26 @@ class Deployment:
                 counts.append(n)
         return counts
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU used so far by what this deployment started, by role: the emulator (with its children), the
+        proxies, the gunicorn masters and workers, and this benchmark (the load generator)."""
+        roles: dict[str, list[int]] = {"emulator": [self.emulator.process.pid], "proxies": [p.pid for p in self.proxies],
+                                       "workers": [pid for server in self.servers for pid in server.workers],
+                                       "masters": [server.process.pid for server in self.servers]}
+        used = {}
+        for role, pids in roles.items():
+            used[role] = 0.0
+            for pid in pids:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    used[role] += cpu_seconds(pid)
+        times = os.times()
+        used["load generator"] = times.user + times.system
+        return used
+
     def cpu_seconds(self) -> float:
         """CPU used so far by what this deployment started (emulator, proxies, gunicorn masters and workers)."""
-        pids = [self.emulator.process.pid, *(p.pid for p in self.proxies)]
-        for server in self.servers:
-            pids += [server.process.pid, *server.workers]
-        total = 0.0
-        for pid in pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += cpu_seconds(pid)
-        return total
+        used = self.cpu_by_role()
+        return sum(used.values()) - used["load generator"]
 
     def log_lines(self) -> dict[str, list[str]]:
         """Each instance's log lines (LOG_LEVEL=WARNING: warnings and errors), but gunicorn's own start-up and
@@ -335,6 +345,7 @@ async def storms(deployment: Deployment, options: Any, r: dict[str, Any]) -> Non
                 deployment.connections_by_worker()), 30, "the workers to accept every connection"))
         before = deployment.counters()
         deployment.reset_calls()
+        cpu_before = deployment.cpu_by_role()
         first = time.perf_counter()
         for m in connected:
             assert m.conn is not None
@@ -348,6 +359,7 @@ async def storms(deployment: Deployment, options: Any, r: dict[str, Any]) -> Non
                                    lambda ids: isinstance(ids, list) and sorted(ids) == users, deadline, POLL)
         await asyncio.sleep(SETTLE)
         calls, after = deployment.calls(), deployment.counters()
+        cpu = {role: round(used - cpu_before[role], 1) for role, used in deployment.cpu_by_role().items()}
         waits = [m.welcomed_at - m.conn.requested_at for m in welcomed if m.welcomed_at and m.conn]
         refused = [m for m in members if m.outcome != "session_joined"]
         refused_after = [m.refused_at - m.conn.requested_at for m in refused if m.refused_at and m.conn]
@@ -388,7 +400,8 @@ async def storms(deployment: Deployment, options: Any, r: dict[str, Any]) -> Non
               f"{r['refused_by_worker']}; the owner's is {owner_worker})"
               + (f"; not admitted: {r['join_refusal_bodies']}, answered after (min, p50, max) "
                  f"{r['join_refused_after_s']} s" if r["join_refused"] else ""), flush=True)
-        print(f"    calls through the proxies during the join storm: {calls}", flush=True)
+        r["join_cpu_s"] = cpu
+        print(f"    calls through the proxies during the join storm: {calls}; CPU s by role {cpu}", flush=True)
 
         one, heard = await sentinel(deployment, owner, "sentinel-joins")
         r["join_sentinel_heard"] = heard

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -36,6 +36,9 @@ OWNER = "owner"
 #: At most this many changes in one commit (Firestore allows 500 writes; a change writes at most one
 #: presence document).
 MAX_CHANGES_PER_COMMIT = 200
+
+#: Commits of one session's presences that one process runs side by side.
+COMMITS_IN_FLIGHT = 4
 
 
 class Member(NamedTuple):
@@ -69,9 +72,22 @@ class SessionState:
     @classmethod
     def of(cls, session_id: str, doc: Data, *, resumed: bool = False, connection: str = "") -> SessionState:
         return cls(session_id, doc["batchID"], Member(doc["owner"]["id"], doc["owner"].get("email", "")),
-                   tuple(Member(m["id"], m.get("email", "")) for m in doc.get("members", [])),
-                   doc["lastUpdated"], doc.get("ownerLeftAt") is not None, resumed, connection,
-                   bool(doc.get("persistent")), doc.get("projectID", ""))
+                   _members(doc.get("members", [])), doc["lastUpdated"], doc.get("ownerLeftAt") is not None,
+                   resumed, connection, bool(doc.get("persistent")), doc.get("projectID", ""))
+
+
+_last_members: tuple[list[Data], tuple[Member, ...]] = ([], ())
+
+
+def _members(members: list[Data]) -> tuple[Member, ...]:
+    """The members of a session document's `members` list; the last list's are kept, since a storm's
+    callers are all answered from the same document (that list is never changed in place)."""
+    global _last_members
+    last, converted = _last_members
+    if last is not members:
+        converted = tuple(Member(m["id"], m.get("email", "")) for m in members)
+        _last_members = (members, converted)
+    return converted
 
 
 #: Whether this process holds a live connection with that ID (or is admitting it right now).
@@ -434,8 +450,6 @@ class Expire(Change):
 @dataclass(eq=False)  # compared by identity: field by field, it compared the changes too
 class Ticket:
     change: Change
-    done: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False  # this ticket's caller commits the next batch
     finished: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -450,57 +464,74 @@ class Group:
     """Applies the presence changes of one session made in this process, many per transaction (group
     commit).
 
-    The caller whose change finds the group idle commits it and everything
-    queued while that commit runs, batch after batch, until its own is done;
-    then it hands the group to the next waiting caller. So one transaction at
-    a time per session per process, each carrying every change that arrived
-    while the previous one ran.
+    A caller commits the changes queued so far (its own among them) when fewer
+    than `in_flight` commits of the session run in this process, and otherwise
+    waits for one to end; so a storm's changes go in a few commits that run
+    side by side, each carrying what arrived while the others ran. Presences
+    are one document per user, so these commits do not contend. A user's
+    changes are committed in the order they were made (a change waits while an
+    earlier one of the same user is in flight or waiting), and a change that
+    may end the session commits only when no other commit of the session runs
+    here, and none starts until it is done.
     """
 
-    def __init__(self, records: SessionRecords, session_id: str) -> None:
+    def __init__(self, records: SessionRecords, session_id: str, in_flight: int = 1) -> None:
         self._records = records
         self._session_id = session_id
-        self._lock = threading.Lock()
+        self._in_flight = in_flight
+        self._cond = threading.Condition()
         self._queue: list[Ticket] = []
-        self._busy = False
+        self._flying: list[list[Ticket]] = []  # the batches being committed
         self.users = 0  # callers inside `submit` (SessionRecords drops an unused group)
+
     def submit(self, changes: list[Change]) -> list[Ticket]:
         """Apply `changes` (in this order, possibly with others'), once each is committed; their tickets."""
         mine = [Ticket(change) for change in changes]
-        with self._lock:
+        with self._cond:
             self._queue.extend(mine)
-            lead = not self._busy
-            self._busy = True
         try:
-            for ticket in mine:
-                while not ticket.finished:
-                    if lead:
-                        with self._lock:
-                            batch = self._queue[:MAX_CHANGES_PER_COMMIT]
-                            del self._queue[:MAX_CHANGES_PER_COMMIT]
-                        try:
-                            self._commit(batch)
-                        finally:
-                            for other in batch:
-                                if not other.finished:  # the commit was cut short (this caller was killed)
-                                    other.error, other.finished = StoreError("the membership commit stopped"), True
-                                other.done.set()
-                    else:
-                        ticket.done.wait()
-                        ticket.done.clear()
-                        lead = ticket.lead and not ticket.finished
+            while True:
+                with self._cond:
+                    while not (batch := self._take()):
+                        if all(ticket.finished for ticket in mine):
+                            return mine
+                        self._cond.wait()
+                try:
+                    self._commit(batch)
+                finally:
+                    with self._cond:
+                        for other in batch:
+                            if not other.finished:  # the commit was cut short (this caller was killed)
+                                other.error, other.finished = StoreError("the membership commit stopped"), True
+                        self._flying.remove(batch)
+                        self._cond.notify_all()
         finally:
-            with self._lock:
+            with self._cond:
                 for ticket in mine:
                     if not ticket.finished and ticket in self._queue:
                         self._queue.remove(ticket)  # its caller is gone (killed while waiting)
-                if lead or any(ticket.lead for ticket in mine):
-                    if self._queue:
-                        self._queue[0].lead = True
-                        self._queue[0].done.set()
-                    else:
-                        self._busy = False
-        return mine
+
+    def _take(self) -> list[Ticket]:
+        """The next batch to commit, taken off the queue and counted as flying ([] when none may start)."""
+        if len(self._flying) >= self._in_flight or any(t.change.may_end for b in self._flying for t in b):
+            return []
+        held = {user for b in self._flying for t in b for user in t.change.users()}  # must wait their turn
+        batch: list[Ticket] = []
+        for ticket in self._queue:
+            if len(batch) >= MAX_CHANGES_PER_COMMIT:
+                break
+            if ticket.change.may_end and self._flying:
+                break  # nothing after it goes before it
+            users = ticket.change.users()
+            if held.intersection(users):
+                held.update(users)
+            else:
+                batch.append(ticket)
+        if batch:
+            taken = set(map(id, batch))
+            self._queue = [ticket for ticket in self._queue if id(ticket) not in taken]
+            self._flying.append(batch)
+        return batch
 
     def _commit(self, tickets: list[Ticket]) -> None:
         records, sid = self._records, self._session_id

@@ -40,6 +40,7 @@ from typing import Any
 
 from .errors import Refusal
 from .presence import (
+    COMMITS_IN_FLIGHT,
     OWNER,
     Attach,
     Change,
@@ -93,6 +94,7 @@ class SessionRecords:
                  on_commit: Callable[[int, int], None] = lambda _changes, _writes: None, *,
                  spawn: Callable[[Callable[[], None]], Any] = lambda fn: fn(),
                  commit_interval: float = 0.0, settle_seconds: float = 10.0, lease_seconds: float = 15.0,
+                 commits_in_flight: int = COMMITS_IN_FLIGHT,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] | None = None) -> None:
         self._store = store
@@ -105,6 +107,7 @@ class SessionRecords:
         self._commit_interval = commit_interval
         self._settle_seconds = settle_seconds
         self._lease_seconds = lease_seconds
+        self._commits_in_flight = commits_in_flight
         self._monotonic = monotonic
         # Looked up when called, not when this module was imported: under gevent, the patched sleep.
         self._sleep = sleep or (lambda seconds: time.sleep(seconds))
@@ -113,6 +116,8 @@ class SessionRecords:
         self._written: dict[str, SessionWriter] = {}  # the sessions this process writes
         self._written_lock = threading.Lock()
         self._claim_lock = threading.Lock()
+        self._asking: dict[str, list[Any]] = {}  # per session: the lock of its writer lookups, and their callers
+        self._asking_lock = threading.Lock()
         self._elsewhere: dict[str, float] = {}  # sessions another live process writes: when that was seen
         self._followed: dict[str, _Followed] = {}  # session documents awaited by callers here
         self._followed_lock = threading.Lock()
@@ -153,7 +158,7 @@ class SessionRecords:
         with self._groups_lock:
             group = self._groups.get(session_id)
             if group is None:
-                group = self._groups[session_id] = Group(self, session_id)
+                group = self._groups[session_id] = Group(self, session_id, self._commits_in_flight)
             group.users += 1
         try:
             tickets = group.submit(changes)
@@ -212,11 +217,29 @@ class SessionRecords:
         """This process's writer of the session if this process writes it, taking the role when no live
         process has it; None when another live process writes it, or the session does not exist."""
         writer = self._written.get(session_id)
-        if writer is not None:
+        if writer is not None or (not fresh and self._writes_elsewhere(session_id)):
             return writer
+        with self._asking_lock:
+            asking = self._asking.setdefault(session_id, [threading.Lock(), 0])
+            asking[1] += 1
+        try:
+            with asking[0]:  # one lookup at a time per session: a storm's callers share its answer
+                writer = self._written.get(session_id)
+                if writer is not None or (not fresh and self._writes_elsewhere(session_id)):
+                    return writer
+                return self._look_up_writer(session_id, fresh)
+        finally:
+            with self._asking_lock:
+                asking[1] -= 1
+                if not asking[1]:
+                    del self._asking[session_id]
+
+    def _writes_elsewhere(self, session_id: str) -> bool:
+        """Whether a live process was seen writing the session less than a second ago."""
         seen = self._elsewhere.get(session_id)
-        if seen is not None and not fresh and self._monotonic() - seen < 1.0:
-            return None  # a live process wrote it a moment ago: a storm does not ask each time
+        return seen is not None and self._monotonic() - seen < 1.0
+
+    def _look_up_writer(self, session_id: str, fresh: bool) -> SessionWriter | None:
         role = self._store.get(SESSION_WRITERS, session_id)
         if role is not None and role.get("process") == self.process_id:  # since its creation here
             return self._start_writer(session_id, self._store.get(SESSIONS, session_id))
@@ -283,10 +306,13 @@ class SessionRecords:
         try:
             writer = self.writer_of(session_id)
             while True:
-                if writer is not None:  # this process writes it: fold now (within the pace), then read it
+                if writer is not None:  # this process writes it: fold now (within the pace); what it wrote
                     try:
                         writer.flush()
-                        seen, doc = True, self._store.get(SESSIONS, session_id)
+                        doc = writer.document
+                        if doc is None or writer.stopped:  # nothing folded here yet, or it stepped down
+                            doc = self._store.get(SESSIONS, session_id)
+                        seen = True
                     except StoreError as e:  # its drain retries it; this caller waits within its deadline
                         log.warning("could not write session %s yet: %s", session_id, e)
                         writer.drain_soon()
@@ -579,13 +605,17 @@ class _Followed:
     def __init__(self) -> None:
         self.users = 0
         self.watch: Any = None
+        self._starting = threading.Lock()
         self._cond = threading.Condition()
         self._doc: Data | None = None
         self._seen = False
         self._checked = float("-inf")
 
     def follow(self, store: Store, session_id: str) -> None:
-        self.watch = store.watch_document(SESSIONS, session_id, self._deliver)
+        """Start the watch, unless a caller did (starting one may yield to another caller)."""
+        with self._starting:
+            if self.watch is None:
+                self.watch = store.watch_document(SESSIONS, session_id, self._deliver)
 
     def _deliver(self, doc: Data | None) -> None:
         with self._cond:

@@ -98,6 +98,7 @@ class SessionWriter:
         self._watch: Watch | None = None
         self.stopped = False
         self.commits = 0
+        self.document: Data | None = None  # the session document as this writer's last commit read or wrote it
 
     def start(self, users: Iterable[str]) -> None:
         """Follow the session's presences; `users` (the members listed now) are checked at the next fold."""
@@ -198,7 +199,10 @@ class SessionWriter:
         read = records._store.get_many(SESSION_PRESENCE, list(ids))
         presences = {ids[doc_id]: data for doc_id, data in read.items()}
 
+        seen: list[Data] = []
+
         def run(t: Transaction) -> str:
+            seen.clear()
             doc = t.get(SESSIONS, sid)
             writer = t.get(SESSION_WRITERS, sid)
             if doc is None:
@@ -208,15 +212,17 @@ class SessionWriter:
             if (writer or {}).get("process") != records.process_id:
                 return "lost"
             updates = fold(doc, presences)
-            if not updates:
-                return ""
-            updates["lastUpdated"] = records.bump(doc.get("lastUpdated"))
-            t.update(SESSIONS, sid, updates)
-            return "written"
+            if updates:
+                updates["lastUpdated"] = records.bump(doc.get("lastUpdated"))
+                t.update(SESSIONS, sid, updates)
+            seen.append({**doc, **updates})
+            return "written" if updates else ""
 
         outcome = records._store.transaction(run)
         with self._lock:
             self._folded.update(presences)
+            if seen:
+                self.document = seen[0]
         if outcome == "written":
             self.commits += 1
             records.session_commits += 1

@@ -28,14 +28,19 @@ class GatedStore(MemoryStore):
         self.gate = threading.Event()
         self.gate.set()
         self.waiting = threading.Event()  # a transaction is held at the closed gate
+        self.at_gate = 0  # transactions held there now
         self.transactions = 0
         self.fail_next = False
 
     def transaction(self, fn: Callable[[Transaction], T]) -> T:
         self.transactions += 1
         if not self.gate.is_set():
+            self.at_gate += 1
             self.waiting.set()
-            assert self.gate.wait(WAIT), "the gate was never opened"
+            try:
+                assert self.gate.wait(WAIT), "the gate was never opened"
+            finally:
+                self.at_gate -= 1
         if self.fail_next:
             self.fail_next = False
             raise StoreError("the store is down")
@@ -49,7 +54,9 @@ def store() -> GatedStore:
 
 @pytest.fixture
 def records(store: GatedStore) -> SessionRecords:
-    return SessionRecords(store, "A", lambda: datetime.now(UTC))
+    """One commit of a session's presences at a time (the service runs `COMMITS_IN_FLIGHT`; see the tests of
+    commits side by side at the end)."""
+    return SessionRecords(store, "A", lambda: datetime.now(UTC), commits_in_flight=1)
 
 
 @pytest.fixture
@@ -239,3 +246,68 @@ def test_the_same_user_twice_in_one_commit_is_admitted_once(records: SessionReco
     assert [r.status for r in refused] == [409]
     assert admitted[0].member_ids == ("first", "twin")
     assert member_ids(held, session) == ["first", "twin"]
+
+
+# -- commits side by side (the service's `COMMITS_IN_FLIGHT`) ------------------------------------------------
+@pytest.fixture
+def side_by_side(store: GatedStore, records: SessionRecords) -> SessionRecords:
+    """The records of `records`' store and session, running up to 3 commits of a session at once."""
+    records._commits_in_flight = 3
+    return records
+
+
+def test_commits_of_different_users_run_side_by_side(side_by_side: SessionRecords, held: GatedStore,
+                                                     session: str) -> None:
+    before = side_by_side.commits
+    callers = Callers()
+    for name in ("a", "b", "c"):
+        callers.start(lambda name=name: side_by_side.join(session, name, ""))
+    wait_for(lambda: held.at_gate == 3, what="3 commits held at the gate at once")
+    callers.start(lambda: side_by_side.join(session, "d", ""))
+    wait_for(lambda: queued(side_by_side, session) == 1, what="a fourth join queued: 3 commits at most")
+    assert held.at_gate == 3
+    held.gate.set()
+    results = callers.join()
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert side_by_side.commits - before == 4
+    assert sorted(member_ids(held, session)) == ["a", "b", "c", "d"]
+    assert side_by_side._groups == {}
+
+
+def test_a_users_changes_commit_in_the_order_they_were_made(side_by_side: SessionRecords, held: GatedStore,
+                                                            session: str) -> None:
+    callers = Callers()
+    callers.start(lambda: side_by_side.join(session, "ann", "", connection="c1"))
+    wait_for(lambda: held.at_gate == 1, what="ann's join held at the gate")
+    callers.start(lambda: side_by_side.join(session, "ann", "", connection="c2"))
+    wait_for(lambda: queued(side_by_side, session) == 1, what="ann's second join waiting for her first")
+    callers.start(lambda: side_by_side.join(session, "bob", ""))
+    wait_for(lambda: held.at_gate == 2, what="bob's join going past ann's second")
+    assert queued(side_by_side, session) == 1
+    held.gate.set()
+    first, second, _bob = callers.join()
+    assert first.connection == "c1"  # had the second gone first, it would be the one admitted
+    assert isinstance(second, Refusal)
+    assert second.status == 409
+    assert held.get(SESSION_PRESENCE, presence_id(session, "ann"))["connection"] == "c1"
+    assert sorted(member_ids(held, session)) == ["ann", "bob"]
+
+
+def test_a_change_that_may_end_the_session_commits_alone(side_by_side: SessionRecords, held: GatedStore,
+                                                        session: str) -> None:
+    owner_connection = held.get(SESSION_PRESENCE, presence_id(session, "owner"))["connection"]
+    callers = Callers()
+    callers.start(lambda: side_by_side.join(session, "first", ""))
+    wait_for(lambda: held.at_gate == 1, what="a join held at the gate")
+    callers.start(lambda: side_by_side.owner_left(session, "owner", owner_connection, 0))
+    wait_for(lambda: queued(side_by_side, session) == 1, what="the end waiting for the join in flight")
+    callers.start(lambda: side_by_side.join(session, "late", ""))
+    wait_for(lambda: queued(side_by_side, session) == 2, what="a later join waiting behind the end")
+    assert held.at_gate == 1
+    held.gate.set()
+    _first, ended, late = callers.join()
+    assert ended is True
+    assert isinstance(late, Refusal)
+    assert late.status == 404
+    assert held.get(SESSIONS, session) is None
+    assert held.query(SESSION_PRESENCE, "sessionID", session) == []
