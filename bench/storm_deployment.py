@@ -164,11 +164,12 @@ class Deployment:
         return counts
 
     def cpu_by_role(self) -> dict[str, float]:
-        """CPU used so far by what this deployment started, by role: the emulator (with its children), the
-        proxies, the gunicorn masters and workers, and this benchmark (the load generator)."""
-        roles: dict[str, list[int]] = {"emulator": [self.emulator.process.pid], "proxies": [p.pid for p in self.proxies],
-                                       "workers": [pid for server in self.servers for pid in server.workers],
-                                       "masters": [server.process.pid for server in self.servers]}
+        """CPU used so far by what this deployment started, by role: the emulator's JVM, the proxies, the
+        gunicorn masters and workers, and this benchmark (the load generator)."""
+        roles: dict[str, list[int]] = {
+            "emulator": [self.emulator.process.pid], "proxies": [p.pid for p in self.proxies],
+            "workers": [pid for server in self.servers for pid in server.workers],
+            "masters": [server.process.pid for server in self.servers]}
         used = {}
         for role, pids in roles.items():
             used[role] = 0.0

@@ -251,10 +251,26 @@ class FirestoreStore(Store):
         query = self._query(collection, field, value)
         parent, _ = query._parent._parent_info()
         spec = Target(query=Target.QueryTarget(parent=parent, structured_query=query._to_protobuf()))
-        watch = _FirestoreWatch(self, f"{collection} where {field} == {value!r}",
-                                lambda documents: [self._decode(d) for d in documents], callback)
+        watch = _FirestoreWatch(self, f"{collection} where {field} == {value!r}", self._decoder(), callback)
         watch.start(Target.pb(spec))
         return watch
+
+    def _decoder(self) -> Callable[[list[Message]], list[Document]]:
+        """Decodes a query target's snapshots; a document delivered again unchanged (the Listen state keeps
+        the same message) is not decoded again, so a snapshot costs what changed, not the whole result."""
+        decoded: dict[str, tuple[Message, Document]] = {}
+
+        def decode(documents: list[Message]) -> list[Document]:
+            now = {}
+            for message in documents:
+                cached = decoded.get(message.name)
+                now[message.name] = cached if cached is not None and cached[0] is message else \
+                    (message, self._decode(message))
+            decoded.clear()
+            decoded.update(now)
+            return [document for _message, document in now.values()]
+
+        return decode
 
     def watch_document(self, collection: str, doc_id: str, callback: DocumentCallback) -> Watch:
         spec = Target(documents=Target.DocumentsTarget(documents=[self._ref(collection, doc_id)._document_path]))
