@@ -7,8 +7,8 @@ here (a join, a leave, a kick, the owner's presence, the clean-up of absent
 clients, the end) is a pure function of what its commit read (`Batch`), so a
 retried transaction re-applies them all. Every change of a session made in this
 process goes through that session's `Group`, which applies the changes queued
-while its previous transaction ran in the next one (group commit): a storm of N
-joins costs a handful of commits, not N. Presences are one document per user,
+while its previous transactions ran in the next one (group commit, a few side by
+side): a storm of N joins costs a handful of commits, not N. Presences are one document per user,
 so processes do not contend on them; the session document itself is written by
 its writer alone (`session_writer.py`).
 """

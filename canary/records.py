@@ -18,8 +18,8 @@
   over.
 
 Every change a process makes to the presences of one session goes through
-that session's `_Group` in this process, which applies the changes queued
-while its previous transaction ran in the next one (group commit). Presences
+that session's `Group` in this process, which applies the changes queued
+while its previous transactions ran in the next one (group commit). Presences
 are one document per user, so processes do not contend on them; the session
 document is written by its writer alone, at most once per `commit_interval`.
 A change that waits for the session document (a join, a kick) is answered
