@@ -6,8 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
+# More pytest arguments for `make test` and `make test-firestore`, e.g. PYTEST_ARGS=tests/test_demo.py or
+# PYTEST_ARGS='-k hostile -x'.
+PYTEST_ARGS ?=
 
-.PHONY: run run-firestore test lint bench bench-firestore bench-storm bench-storm-deployment bench-idle clean
+.PHONY: run run-firestore demo tools test test-firestore lint bench bench-firestore bench-storm bench-storm-deployment \
+	bench-idle clean
 
 $(BIN)/gunicorn: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +49,25 @@ run-firestore: $(BIN)/gunicorn
 	CANARY_STORE=firestore CANARY_SEED=demo/seed.json CANARY_DEV_API=1 PORT=$(PORT) \
 		$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+## The README's walk-through against `make run` (or `make run-firestore`) on PORT, started in another terminal.
+demo: $(BIN)/gunicorn
+	$(BIN)/python demo/walkthrough.py http://127.0.0.1:$(PORT)
+
+## The development tools alone (pytest, ruff, wsdump: requirements-dev.txt), without running anything.
+tools: $(BIN)/pytest
+
 ## Lint, then the whole test suite (on the memory store and on the Firestore emulator: Google's where installed,
 ## else the npm one, which is installed here all the same for the tests of its launcher).
 test: $(BIN)/pytest $(EMULATOR)
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## Only the tests that run on a Firestore emulator: every behavioural test's Firestore case (its id starts with
+## "[firestore", the store_kind fixture's parameter) and the modules that exist only for Firestore.
+FIRESTORE_TESTS := [firestore or test_firestore.py or test_firestore_listen.py or test_processes.py \
+	or test_cross_process.py or test_emulator.py or test_grpc_proxy.py
+test-firestore: $(BIN)/pytest $(EMULATOR)
+	$(BIN)/pytest -k '$(FIRESTORE_TESTS)' $(PYTEST_ARGS)
 
 lint: $(BIN)/pytest
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ from .memory_store import MemoryStore
 from .passwords import BcryptPasswords
 from .sessions import SessionManager
 from .store import Store
+from .throttle import PasswordThrottle, ThrottleLimits
 from .tokens import SessionTokens, development_key
 from .websocket import is_upgrade, server_options
 
@@ -49,6 +50,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
     store = store or build_store(config)
     app = Flask(__name__)
     app.config["SOCK_SERVER_OPTIONS"] = server_options(max_message_bytes=config.max_message_bytes)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes  # larger bodies: 413 (webapp.py words it)
     auth = Authenticator(config.jwt_secret, max_lifetime=config.max_login_token_seconds)
     if not auth.enabled:
         log.warning("JWT_SECRET is not set: the service is OPEN, any caller can act as any user (session "
@@ -71,7 +73,11 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
     gevent.spawn(_every, 1.0, sessions.tick)
     metrics.refresh(sessions, store)
     gevent.spawn(_every, METRICS_REFRESH_SECONDS, lambda: metrics.refresh(sessions, store))
-    app.extensions["canary"] = sockets.Services(config, sessions, auth, tokens, store)
+    throttle = PasswordThrottle(
+        store, ThrottleLimits(config.password_failures_per_user, config.password_failures_per_address,
+                              config.password_window_seconds, config.password_lockout_max_seconds),
+        on_failure=metrics.password_failure, on_throttled=metrics.password_throttled)
+    app.extensions["canary"] = sockets.Services(config, sessions, auth, tokens, store, throttle)
     app.register_blueprint(routes.bp)
     app.register_blueprint(webapp.bp)
     app.register_blueprint(metrics.bp)

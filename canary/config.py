@@ -53,6 +53,17 @@ class Config:
     max_connections_per_address: int = 256
     #: How many proxies in front of the service append to X-Forwarded-For (Heroku's router: 1).
     trusted_proxies: int = 0
+    #: Wrong session passwords within `password_window_seconds` that lock a user out of a session, and a client
+    #: address out of every session (0: not counted by address); a lock-out lasts a window, then twice the
+    #: previous one while guessing goes on, up to `password_lockout_max_seconds` (throttle.py).
+    password_failures_per_user: int = 5
+    password_failures_per_address: int = 20
+    password_window_seconds: float = 60.0
+    password_lockout_max_seconds: float = 900.0
+    #: REST bodies larger than this are refused 413 (Flask's MAX_CONTENT_LENGTH); they hold a password at most.
+    max_body_bytes: int = 16 * 1024
+    #: A REST body must have arrived this many seconds after the request began to be read (else 408).
+    body_timeout_seconds: float = 2.0
     metrics_token: str | None = None
     ready_timeout_seconds: float = 2.0
     cors_allow_origin: str = "*"
@@ -107,6 +118,15 @@ class Config:
             max_connections_per_address=reader.integer("MAX_CONNECTIONS_PER_ADDRESS",
                                                        cls.max_connections_per_address, low=1),
             trusted_proxies=reader.integer("TRUSTED_PROXIES", cls.trusted_proxies, low=0),
+            password_failures_per_user=reader.integer("PASSWORD_FAILURES_PER_USER", cls.password_failures_per_user,
+                                                      low=1),
+            password_failures_per_address=reader.integer("PASSWORD_FAILURES_PER_ADDRESS",
+                                                         cls.password_failures_per_address, low=0),
+            password_window_seconds=reader.number("PASSWORD_WINDOW_SECONDS", cls.password_window_seconds),
+            password_lockout_max_seconds=reader.number("PASSWORD_LOCKOUT_MAX_SECONDS",
+                                                       cls.password_lockout_max_seconds),
+            max_body_bytes=reader.integer("MAX_BODY_BYTES", cls.max_body_bytes, low=1024),
+            body_timeout_seconds=reader.number("BODY_TIMEOUT_SECONDS", cls.body_timeout_seconds),
             metrics_token=env.get("METRICS_TOKEN", "").strip() or None,
             ready_timeout_seconds=reader.number("READY_TIMEOUT_SECONDS", cls.ready_timeout_seconds),
             cors_allow_origin=env.get("CORS_ALLOW_ORIGIN") or cls.cors_allow_origin,
@@ -132,6 +152,10 @@ class Config:
         if config.max_clients is not None and config.max_clients > config.worker_connections:
             raise ConfigError(f"MAX_CLIENTS={config.max_clients} must not exceed WORKER_CONNECTIONS="
                               f"{config.worker_connections} (the worker could then not answer /health)")
+        if config.password_lockout_max_seconds < config.password_window_seconds:
+            raise ConfigError(f"PASSWORD_LOCKOUT_MAX_SECONDS={config.password_lockout_max_seconds:g} must not be below "
+                              f"PASSWORD_WINDOW_SECONDS={config.password_window_seconds:g} (the first lock-out "
+                              "lasts one window)")
         if config.keepalive_seconds >= ROUTER_IDLE_CUT_SECONDS:
             raise ConfigError(
                 f"KEEPALIVE_SECONDS={config.keepalive_seconds:g} must be below "

@@ -39,6 +39,7 @@ from .logs import is_loopback, peer_address
 from .protocol import Frame
 from .sessions import SessionManager
 from .store import Store
+from .throttle import ADDRESS, USER
 
 CLIENTS = Gauge("canary_clients", "Connected WebSocket clients, by role and API", ["role", "api"],
                 multiprocess_mode="livesum")
@@ -58,6 +59,11 @@ FRAMES_RECEIVED = Counter("canary_frames_received", "Client frames handled, by m
 REFUSALS = Counter("canary_refusals", "HTTP answers of status 400 and above, by status", ["status"])
 CLOSES = Counter("canary_closes", "WebSocket connections ended, by close code (1006: none)", ["code"])
 STORE_ERRORS = Counter("canary_store_errors", "Failed store calls, by kind", ["kind"])
+PASSWORD_FAILURES = Counter("canary_password_failures", "Web-app joins refused for a wrong session password")
+PASSWORD_THROTTLED = Counter("canary_password_throttled", "Web-app password joins refused 429 by the password "
+                             "throttle, by the counter that refused them (user, address)", ["counter"])
+for _counter in (USER, ADDRESS):  # shown at 0 from the start: an alert on their rate needs the series
+    PASSWORD_THROTTLED.labels(_counter)
 COMMITS = Counter("canary_membership_commits", "Membership transactions committed (presence documents)")
 SESSION_WRITES = Counter("canary_session_writes", "Session documents written by their writer (this process)")
 CHANGES = Counter("canary_membership_changes", "Membership changes those transactions carried")
@@ -112,6 +118,16 @@ def commit(changes: int, writes: int) -> None:
 def session_write() -> None:
     """A session document written by its writer (records.SessionRecords' `on_session_commit`)."""
     SESSION_WRITES.inc()
+
+
+def password_failure() -> None:
+    """A wrong session password (throttle.PasswordThrottle's `on_failure`)."""
+    PASSWORD_FAILURES.inc()
+
+
+def password_throttled(counter: str) -> None:
+    """A password join refused 429 by `counter` (throttle.PasswordThrottle's `on_throttled`)."""
+    PASSWORD_THROTTLED.labels(counter).inc()
 
 
 _published_errors: dict[str, int] = {}

@@ -7,11 +7,27 @@ from typing import Any, TypeVar
 
 import bcrypt
 
+from .errors import Refusal
+
 T = TypeVar("T")
 #: Runs a CPU-bound call somewhere it does not hold up the caller's event loop (a thread), returning its result.
 Offload = Callable[..., Any]
 
 COST = 10
+#: bcrypt reads at most this many bytes of a password: the bcrypt package refuses longer ones (ValueError)
+#: rather than cut them, and so does Go's x/crypto/bcrypt when it hashes, since 2022.
+MAX_BYTES = 72
+
+
+def check(password: str) -> bytes:
+    """`password` as bcrypt takes it (UTF-8), or `Refusal` 400 when it cannot be a session password."""
+    try:
+        encoded = password.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud800")
+        raise Refusal(400, "Invalid request: the password is not valid text") from None
+    if len(encoded) > MAX_BYTES:
+        raise Refusal(400, f"The password is too long: at most {MAX_BYTES} bytes (in UTF-8)")
+    return encoded
 
 
 def _direct(fn: Callable[..., T], *args: Any) -> T:
@@ -26,10 +42,12 @@ class BcryptPasswords:
         self._offload = offload
 
     def hash(self, password: str) -> str:
-        return self._offload(_hash, password.encode())
+        """The hash to store; `Refusal` 400 for a password bcrypt cannot take (`check`)."""
+        return self._offload(_hash, check(password))
 
     def verify(self, password: str, hashed: str) -> bool:
-        return self._offload(_verify, password.encode(), hashed.encode())
+        """Whether `password` is the one `hashed` was made from; `Refusal` 400 as `hash`."""
+        return self._offload(_verify, check(password), hashed.encode())
 
 
 def _hash(password: bytes) -> str:

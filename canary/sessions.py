@@ -31,7 +31,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
@@ -42,6 +42,7 @@ from .errors import Refusal
 from .protocol import Event, Frame, Kind, ProtocolError, Vocabulary
 from .records import MEMBER, OWNER, SessionRecords, SessionState
 from .store import BATCHES, PROJECTS, SESSIONS, AlreadyExists, Data, Store, StoreError, Watch, auto_id
+from .throttle import PasswordThrottle
 from .watches import ImageWatches, SharedListeners
 
 log = logging.getLogger(__name__)
@@ -365,9 +366,12 @@ class SessionManager:
         raise Refusal(409, "Session already exists for this batch")
 
     def grant(self, session_id: str, user_id: str, password: str | None = None,
-              email: str | None = None) -> Grant:
+              email: str | None = None, *, throttle: PasswordThrottle | None = None,
+              address: str | None = None) -> Grant:
         """A web-app join: the owner gets its role back; a member is checked against the session's password
-        and listed from now on (until its token, and then the reconnect grace, run out unused)."""
+        and listed from now on (until its token, and then the reconnect grace, run out unused). With a
+        `throttle`, a password attempt is first let through by it (per user and per `address`, None: not
+        counted by address), or refused 429 without checking the password, and its outcome counted."""
         self._check_running()
         doc = self._store.get(SESSIONS, session_id)
         if doc is None:
@@ -378,7 +382,14 @@ class SessionManager:
         if isinstance(hashed, str) and hashed:
             if not password:
                 raise Refusal(400, "Missing password")
-            if not self._password_ok(password, hashed):
+            attempt = throttle.attempt(session_id, user_id, address) if throttle is not None else nullcontext()
+            with attempt as guess:
+                right = self._password_ok(password, hashed)
+                if guess is not None and right:
+                    guess.succeeded()
+                elif guess is not None:
+                    guess.failed()
+            if not right:
                 raise Refusal(403, "Invalid session password")
         pending = timedelta(seconds=self._token_seconds + self._reconnect_grace)
         return Grant(MEMBER, self._records.join(session_id, user_id, email, pending=pending))

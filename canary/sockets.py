@@ -33,6 +33,7 @@ from .logs import is_loopback, log_upgrade, peer_address
 from .protocol import Event, Frame, Kind, Vocabulary
 from .sessions import Admission, SessionManager
 from .store import Store, StoreError
+from .throttle import PasswordThrottle
 from .tokens import SessionTokens
 from .websocket import Connection, check_handshake, prepare
 
@@ -58,6 +59,7 @@ class Services:
     auth: Authenticator
     tokens: SessionTokens
     store: Store
+    throttle: PasswordThrottle
 
 
 def services() -> Services:

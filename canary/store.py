@@ -36,6 +36,9 @@ PROCESSES = "collabProcesses"
 #: This service's own: one document per session, ID = session ID, naming the one process of the
 #: deployment that writes the session document (`session_writer.py`).
 SESSION_WRITERS = "sessionWriters"
+#: This service's own: failed session-password joins, one small document per counter (per session and user,
+#: per client address), which stop meaning anything at their `expireAt` (`throttle.py`).
+PASSWORD_THROTTLES = "passwordThrottles"
 
 _AUTO_ID_ALPHABET = string.ascii_letters + string.digits
 

@@ -20,11 +20,14 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import gevent
 from flask import Blueprint, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import ids
+from . import ids, passwords
 from .auth import bearer_token
 from .errors import Refusal
+from .logs import is_loopback, peer_address
 from .protocol import WEBAPP, rfc3339
 from .records import MEMBER, OWNER
 from .sessions import Admission
@@ -46,6 +49,13 @@ refusals(bp, text_error, store_unavailable="The session service cannot reach its
          handshake_failed="Bad Request", upgrade_required="This endpoint opens a WebSocket")
 
 
+@bp.errorhandler(HTTPException)
+def _http_error(e: HTTPException) -> Response:
+    """Werkzeug's own refusals raised in this API's routes (reading a body the client cut short, say), in
+    text as the others."""
+    return text_error(e.code or 500, e.name)
+
+
 def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(body) + "\n", status=status, mimetype="application/json")
 
@@ -61,17 +71,52 @@ def _caller() -> tuple[str, dict[str, Any]]:
 
 
 def _password() -> str | None:
-    """The optional `{"password": …}` body (none, or empty, is no password)."""
-    if not request.get_data():
+    """The optional `{"password": …}` body of a create or a join, checked before anything is read or written:
+    `_body`'s limits, then `Content-Type: application/json` (415), a JSON object (400) whose `password`, if
+    any, is a string bcrypt can take (400). No body, an empty one, and an empty or null password are no
+    password; other fields are ignored."""
+    data = _body()
+    if not data:
         return None
+    if request.mimetype != "application/json":
+        raise Refusal(415, "Send the request body as JSON (Content-Type: application/json)")
     try:
-        body = json.loads(request.get_data())
+        body = json.loads(data)
     except ValueError:
         raise Refusal(400, "Invalid request") from None
-    password = body.get("password") if isinstance(body, dict) else None
+    except RecursionError:  # the decoder's nesting limit, as for socket frames (protocol.parse_client_frame)
+        raise Refusal(400, "Invalid request: the JSON is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise Refusal(400, "Invalid request: the body must be a JSON object")
+    password = body.get("password")
     if password is not None and not isinstance(password, str):
-        raise Refusal(400, "Invalid request")
-    return password or None
+        raise Refusal(400, "Invalid request: the password must be a string")
+    if not password:
+        return None
+    passwords.check(password)  # over bcrypt's 72 bytes: 400 at create and join alike, never a guess counted
+    return password
+
+
+def _body() -> bytes:
+    """The request's body: at most `MAX_BODY_BYTES` (413), all of it within `BODY_TIMEOUT_SECONDS` (408: a
+    `Content-Length` larger than what is sent would otherwise hold the request until the client gives up;
+    gunicorn sets no timeout on reading a body)."""
+    config = services().config
+    timeout = gevent.Timeout(config.body_timeout_seconds)
+    timeout.start()
+    try:
+        data = request.get_data()
+        if request.content_length is None and len(data) >= config.max_body_bytes:
+            raise RequestEntityTooLarge  # a body without Content-Length (chunked) is cut at the limit, silently
+        return data
+    except RequestEntityTooLarge:
+        raise Refusal(413, f"The request body is too large: at most {config.max_body_bytes} bytes") from None
+    except gevent.Timeout as e:
+        if e is not timeout:
+            raise
+        raise Refusal(408, "The request body did not arrive in time") from None
+    finally:
+        timeout.cancel()
 
 
 def _email(claims: dict[str, Any]) -> str | None:
@@ -96,7 +141,12 @@ def join_session(session_id: str) -> Response:
     user_id, claims = _caller()
     password = _password()
     svc = services()
-    grant = svc.sessions.grant(session_id, user_id, password, _email(claims))
+    # Counted per address too (throttle.py), as sockets count connections: a loopback client is not (a local
+    # proxy's clients would all share one address: it is declared in TRUSTED_PROXIES).
+    address = peer_address(request.environ, svc.config.trusted_proxies)
+    grant = svc.sessions.grant(session_id, user_id, password, _email(claims),
+                               throttle=svc.throttle,
+                               address=None if is_loopback(address) else address)
     batch_claim = grant.state.batch_id if grant.role == OWNER else ""
     return _json({"sessionID": session_id, "batchID": grant.state.batch_id, "projectID": grant.state.project_id,
                   "token": svc.tokens.mint(user_id, session_id, batch_claim), "expiresIn": round(svc.tokens.ttl),

@@ -1,26 +1,45 @@
 """A session from start to end against `make run` (demo data, dev API on).
 
-    .venv/bin/python demo/walkthrough.py [http://127.0.0.1:8080]
+    .venv/bin/python demo/walkthrough.py [http://127.0.0.1:8080]    # or: make demo [PORT=8080]
 
 alice (the owner of project-1) opens a session on batch-1, bob and carol join,
-bob watches image-1, a keypoint of image-1 changes, carol leaves, alice
-leaves. Every message each client receives is printed.
+bob watches image-1, a keypoint is added to image-1, carol leaves, alice
+leaves. Every message each client receives is printed. It can be run again and
+again against the same server: each run adds a keypoint of its own.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import urllib.request
 
-import simple_websocket
-from simple_websocket import ConnectionClosed
+try:
+    import simple_websocket
+    from simple_websocket import ConnectionClosed
+except ImportError:  # run by a Python without the service's packages
+    raise SystemExit("demo/walkthrough.py needs the packages `make run` installs into .venv/: run it as "
+                     "`.venv/bin/python demo/walkthrough.py [URL]` or `make demo`") from None
 
 BASE = (sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080").rstrip("/")
 WS = "ws" + BASE.removeprefix("http")
 
 
+class _ReaderThread(threading.Thread):
+    """simple-websocket's reader thread, as a daemon: a run that fails exits instead of waiting forever on
+    the sockets it left open."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["daemon"] = True
+        super().__init__(*args, **kwargs)
+
+
 class Client(simple_websocket.Client):
+    @classmethod
+    def open(cls, path: str) -> Client:
+        return cls.connect(f"{WS}{path}", thread_class=_ReaderThread)
+
     def handshake(self) -> None:
         super().handshake()
         # simple-websocket's client leaves frames that arrived with the 101 (here the
@@ -38,14 +57,14 @@ def receive(name: str, client: Client) -> dict:
 
 
 def main() -> None:
-    alice = Client.connect(f"{WS}/sessions/batch-1?userID=alice")
+    alice = Client.open("/sessions/batch-1?userID=alice")
     session = receive("alice", alice)["sessionID"]
 
-    bob = Client.connect(f"{WS}/sessions/{session}/join?userID=bob")
+    bob = Client.open(f"/sessions/{session}/join?userID=bob")
     receive("bob", bob)
     receive("alice", alice)  # member_joined bob
 
-    carol = Client.connect(f"{WS}/sessions/{session}/join?userID=carol")
+    carol = Client.open(f"/sessions/{session}/join?userID=carol")
     receive("carol", carol)
     receive("alice", alice)  # member_joined carol
     receive("bob", bob)
@@ -55,10 +74,13 @@ def main() -> None:
     receive("bob", bob)  # the first labels_snapshot …
     receive("bob", bob)  # … and bounding_boxes_snapshot: the watch is ready
 
-    print("  (dev) PUT keypoints/kp-2 on image-1")
+    # A keypoint of this run's own: writing again what an earlier run wrote would change nothing, and
+    # nobody is told of a change that is none.
+    keypoint = f"kp-{session}"
+    print(f"  (dev) PUT keypoints/{keypoint} on image-1")
     request = urllib.request.Request(
-        f"{BASE}/dev/documents/keypoints/kp-2", method="PUT",
-        data=json.dumps({"imageID": "image-1", "keypointID": "kp-2", "position": {"x": 3, "y": 4},
+        f"{BASE}/dev/documents/keypoints/{keypoint}", method="PUT",
+        data=json.dumps({"imageID": "image-1", "keypointID": keypoint, "position": {"x": 3, "y": 4},
                          "boundingBoxID": "bb-1", "keypointLabelID": "eye"}).encode(),
         headers={"Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=5).close()

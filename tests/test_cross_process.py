@@ -187,7 +187,7 @@ def test_forty_members_leaving_at_once_from_four_processes_leave_no_ghost(
 def test_a_rolling_restart_loses_nobody_and_announces_nothing(deployment: Callable[..., Server],
                                                               isolating: None) -> None:
     # Leases of the default length: 300 clients arriving at once on two cores are not a stall.
-    a, b = (deployment(RECONNECT_GRACE_SECONDS="30", PROCESS_LEASE_SECONDS="15") for _ in range(2))
+    a, b = (deployment(RECONNECT_GRACE_SECONDS="15", PROCESS_LEASE_SECONDS="15") for _ in range(2))
     batch, owner = b.batch()
     host = Client.connect(owner_url(b, batch, owner))
     sid = host.welcome["sessionID"]
@@ -208,7 +208,7 @@ def test_a_rolling_restart_loses_nobody_and_announces_nothing(deployment: Callab
     assert all(c.welcome["type"] == "session_joined" for c in back)
     assert sorted(members(b, sid)) == users  # a restart is not a leave
     # The last one never comes back: it alone is announced as gone, once its grace is over.
-    message = host.recv(timeout=45, skip=QUIET)
+    message = host.recv(timeout=30, skip=QUIET)
     assert (message["type"], message["memberID"]) == ("member_left", users[-1])
     assert sorted(members(b, sid)) == users[:-1]
     assert session_writes(b) - before <= 10
