@@ -31,22 +31,24 @@ def test_300_images_and_20_sessions_on_one_stream_behind_the_limit(quiet_emulato
                                                                    tmp_path: Path) -> None:
     with Proxy(quiet_emulator.host) as firestore_proxy:
         server = start_server(tmp_path, quiet_emulator, via=firestore_proxy)
+        clients: list[Client] = []
         try:
-            crowd(server, firestore_proxy)
+            crowd(server, firestore_proxy, clients)
         finally:
-            server.stop()
+            server.stop()  # first: 320 leaves and 20 ends, one by one, would keep the emulator busy for seconds
+            for client in clients:
+                client.close()
 
 
-def crowd(server: Server, firestore_proxy: Proxy) -> None:
-    hosts, members = [], []
-    for s in range(SESSIONS):
-        batch, owner = server.batch()
-        host = Client.connect(owner_url(server, batch, owner))
-        hosts.append(host)
-        joined, refused = connect_at_once([join_url(server, host.welcome["sessionID"], f"crowd-{s}-{m}")
-                                           for m in range(MEMBERS)])
-        assert (len(joined), refused) == (MEMBERS, [])
-        members += [(member, unique("crowd-image")) for member in joined]
+def crowd(server: Server, firestore_proxy: Proxy, clients: list[Client]) -> None:
+    hosts, _ = connect_at_once([owner_url(server, *server.batch()) for _ in range(SESSIONS)])
+    clients += hosts
+    assert len(hosts) == SESSIONS
+    joined, refused = connect_at_once([join_url(server, host.welcome["sessionID"], f"crowd-{s}-{m}")
+                                       for s, host in enumerate(hosts) for m in range(MEMBERS)], timeout=60)
+    clients += joined
+    assert (len(joined), refused) == (SESSIONS * MEMBERS, [])
+    members = [(member, unique("crowd-image")) for member in joined]
     for member, image in members:
         member.send({"type": "setImageID", "payload": {"imageID": image}})
     for member, _ in members:  # every initial snapshot (Google's emulator re-sends every target's result on each
@@ -74,6 +76,5 @@ def crowd(server: Server, firestore_proxy: Proxy) -> None:
 
     # The process still answers unary calls and admits clients: nothing queues behind the stream.
     late = Client.connect(join_url(server, hosts[0].welcome["sessionID"], "late-comer"))
+    clients.append(late)
     assert late.welcome["type"] == "session_joined"
-    for client in (late, *(m for m, _ in members), *hosts):
-        client.close()
