@@ -117,14 +117,25 @@ class Client:
     client, a client that stopped reading is. Coalescing messages (snapshots)
     keep at most one pending per type, the newest; when the other messages
     waiting exceed `max_bytes` the client is closed with 1013 rather than
-    losing one silently. A write blocked for `write_timeout` seconds (the
-    peer stopped reading) cuts the connection; a peer that answers no ping
-    for two `ping_seconds` is closed with 1008.
+    losing one silently.
+
+    The kernel's buffers hold hundreds of small messages, so a client that
+    stops reading while few messages flow is found by time, not by bytes: it
+    must read what is written to it within `read_timeout` seconds (default:
+    `ping_seconds`). The writer follows the messages it writes with a WebSocket
+    ping, at most one every `read_timeout` / 2 seconds and only while messages
+    are written (a ping a timer sends, not one per message): the peer can only
+    answer it once it has read what came before it. A ping still unanswered
+    when the next one is due, with messages written before it, closes the
+    client with 1013; so does a write blocked for `read_timeout` (or
+    `write_timeout`, the shorter). Keepalives do not count: a peer that was
+    sent nothing else and answers no ping for `ping_seconds` is taken for gone
+    and closed with 1008.
     """
 
     def __init__(self, connection: Connection, *, name: str, max_bytes: int, keepalive_seconds: float,
                  keepalive: Callable[[], Frame], ping_seconds: float | None = None,
-                 write_timeout: float | None = None) -> None:
+                 write_timeout: float | None = None, read_timeout: float | None = None) -> None:
         self.name = name
         self._connection = connection
         self._max_bytes = max_bytes
@@ -132,7 +143,11 @@ class Client:
         self._keepalive_seconds = keepalive_seconds
         self._keepalive = keepalive
         self._ping_seconds = ping_seconds
-        self._write_timeout = write_timeout
+        if read_timeout is None and ping_seconds:
+            read_timeout = ping_seconds
+        self._probe_seconds = read_timeout / 2 if read_timeout else float("inf")  # ping after messages this soon
+        # A write blocked this long cuts the connection.
+        self._write_timeout = min((t for t in (write_timeout, read_timeout) if t), default=None)
         self._hub = gevent.get_hub()
         self._queue = _Mailbox(self._hub)
         self._pending: dict[str, Frame] = {}
@@ -143,10 +158,14 @@ class Client:
         self._next_ping = now + ping_seconds if ping_seconds else float("inf")
         self._tick_queued = False
         self._writing_since = 0.0  # when the write in progress began; 0: none
+        self._written_at = 0.0  # when the first message written since the last ping was; 0: none
+        self._unread_since = 0.0  # when the first message the ping in flight follows was written; 0: none
+        self._gone = False  # the reader saw the connection end: nothing more is written
+        connection.on_end = self._connection_ended
         # A raw greenlet: a gevent.Greenlet (links, spawn tree, values) costs 1.9 KiB more per client.
         self._writer = gevent.spawn_raw(self._write_loop)
         self._writer_ended: Waiter | None = None  # who waits for the writer to end (`stop`)
-        _ticker.add(self, min(keepalive_seconds, ping_seconds or keepalive_seconds))
+        _ticker.add(self, min(keepalive_seconds, ping_seconds or keepalive_seconds, self._probe_seconds))
 
     def safe_enqueue(self, frame: Frame) -> bool:
         """Queue `frame` for this client; never blocks, never raises.
@@ -195,6 +214,13 @@ class Client:
             self._closing = _Close(code, reason, flush)
             self._queue.put(self._closing)
 
+    def _connection_ended(self) -> None:
+        """The reader saw the connection end (the peer's close frame, its end of TCP, a reset), in its greenlet
+        and before anything else ran: the writer writes nothing more (no message, keepalive, ping or close)
+        and ends; messages queued from now on are dropped."""
+        self._gone = True
+        self._close(1006, "", flush=False)
+
     def stop(self, timeout: float) -> None:
         """Close (if not yet) and wait for the writer to end, killing it if it will not."""
         self._close(1000, "", flush=False)
@@ -215,39 +241,68 @@ class Client:
 
     def _tick(self, now: float) -> None:
         """Called by the ticker about every quarter of the shortest period."""
-        if self._writing_since and self._write_timeout and now - self._writing_since > self._write_timeout:
-            log.info("closing %s: a write has been blocked for %g s", self.name, self._write_timeout)
-            self._writing_since = 0.0
-            self._connection.abort()
+        if self._writing_since:
+            # A write (or a close frame) blocked this long: the peer is not reading.
+            limit = self._write_timeout
+            if limit is not None and now - self._writing_since > limit:
+                if self._closing is None:
+                    log.warning("closing %s with %d: a write has been blocked for %g s, it is not reading",
+                                self.name, CLOSE_TRY_AGAIN_LATER, limit)
+                    self._close(CLOSE_TRY_AGAIN_LATER, "client too slow", flush=False)
+                    self._connection.close_code = CLOSE_TRY_AGAIN_LATER  # the close frame cannot be written
+                self._writing_since = 0.0
+                self._connection.abort()  # the write fails, the writer ends; the reader returns at once
         elif not self._tick_queued and now >= min(self._next_beat, self._next_ping):
             self._tick_queued = True
             self._queue.put(_TICK)
 
-    def _write(self, frames: list[Frame]) -> None:
-        if not frames:
+    def _write(self, frames: list[Frame], message: bool = True) -> None:
+        """Write `frames` in one write; `message`: they count for the read deadline (not a keepalive)."""
+        if not frames or self._gone:
             return
-        self._writing_since = time.monotonic()
+        started = self._writing_since = time.monotonic()
         try:
             self._connection.send(*(frame.data for frame in frames))
         finally:
             self._writing_since = 0.0
+        if message and not self._written_at:  # the first message since the last ping: follow it with one
+            self._written_at = started
+            if started + self._probe_seconds < self._next_ping:
+                self._next_ping = started + self._probe_seconds
         metrics.sent(frames)
 
     def _timers(self) -> bool:
-        """Send the keepalive and the ping that are due; False if the peer is gone."""
+        """Send the keepalive and the ping that are due; False if the client is closed for not answering."""
         self._tick_queued = False
+        if self._closing is not None:
+            return True  # its close follows in the queue: no keepalive, no ping
         now = time.monotonic()
         if now >= self._next_ping:
-            if not self._connection.ping():
-                # No pong since the last ping: the peer is gone (TCP open, nothing answering).
-                log.info("closing %s: no answer to pings for %g s", self.name, 2 * (self._ping_seconds or 0))
-                self._closing = self._closing or _Close(1008, "", flush=False)
-                self._connection.close(1008, "ping timeout")
+            if not self._connection.ping():  # the previous ping is unanswered: nothing was sent
+                unread = self._unread_since or self._written_at
+                if unread:
+                    # Messages were written before that ping: the peer has not read them (it is stuck, or gone).
+                    log.warning("closing %s with %d: it is not reading (the ping that followed messages written to "
+                                "it %.1f s ago is unanswered)", self.name, CLOSE_TRY_AGAIN_LATER, now - unread)
+                    code, reason = CLOSE_TRY_AGAIN_LATER, "client too slow"
+                else:
+                    # Only keepalives were written: the peer is gone (TCP open, nothing answering).
+                    log.info("closing %s: no answer to pings for %g s", self.name, 2 * (self._ping_seconds or 0))
+                    code, reason = 1008, "ping timeout"
+                self._closing = _Close(code, reason, flush=False)
+                self._writing_since = now  # a close frame that cannot be written is cut by the ticker
+                try:
+                    self._connection.close(code, reason)
+                finally:
+                    self._writing_since = 0.0
                 self._connection.abort()
                 return False
-            self._next_ping = now + (self._ping_seconds or 0)
+            # The ping just sent follows the messages written since the previous one: it is checked (the next
+            # ping) within half the read deadline; one that follows no message, within `ping_seconds`.
+            self._unread_since, self._written_at = self._written_at, 0.0
+            self._next_ping = now + (self._probe_seconds if self._unread_since else self._ping_seconds or float("inf"))
         if now >= self._next_beat:
-            self._write([self._keepalive()])
+            self._write([self._keepalive()], message=False)
             self._next_beat = now + self._keepalive_seconds
         return True
 
@@ -264,7 +319,12 @@ class Client:
                             return
                     elif isinstance(item, _Close):
                         self._write(frames)
-                        self._connection.close(item.code, item.reason)
+                        if not self._gone:
+                            self._writing_since = time.monotonic()  # a close frame that cannot go out is cut
+                            try:
+                                self._connection.close(item.code, item.reason)
+                            finally:
+                                self._writing_since = 0.0
                         return
                     elif self._closing is not None and not self._closing.flush:
                         pass  # skip to the close: the client is not reading
@@ -278,11 +338,13 @@ class Client:
                         frames = []
                 self._write(frames)
         except (ConnectionClosed, OSError) as e:
-            # The peer is gone, or stopped reading for longer than the write timeout.
+            # The peer is gone (a reset: EPIPE, ECONNRESET), or the connection was cut (a blocked write). The
+            # reader is made to return at once, so the session is left now, not at the next ping.
             log.debug("writer of %s ends: %r", self.name, e)
             self._closing = self._closing or _Close(1006, "", flush=False)
             self._connection.abort()
         finally:
+            self._connection.on_end = None  # no cycle between the connection and its client once the writer ends
             _ticker.discard(self)
             if self._writer_ended is not None:
                 self._hub.loop.run_callback(self._writer_ended.switch, None)

@@ -255,11 +255,40 @@ class Connection:
         self.pong_received = True  # the last ping was answered (or none was sent)
         self._unread: bytes | None = b""  # bytes read past the last simple frame; None once wsproto reads
         self._handover = b""
+        #: False from the moment nothing more may be sent: a close frame sent or received, the peer's end of the
+        #: connection or a reset seen, the connection cut. `send` and `ping` check it, so neither ever writes
+        #: to a connection that is closed or closing, whichever greenlet noticed first.
+        self._open = True
+        self._coded = False  # the close code is decided (sent, received, or the end seen)
+        #: Called once, in the reader's greenlet, when `serve` sees the connection end (the peer's close frame,
+        #: its end of TCP, a reset, a protocol violation), before anything else runs: the client's writer
+        #: then writes nothing more (clients.py).
+        self.on_end: Callable[[], None] | None = None
 
     @property
     def close_code(self) -> int:
-        """The close code received or sent (1005 while none)."""
+        """The close code received or sent (1005 while none; 1006 when the connection ended without one)."""
         return int(self._ws.close_reason)
+
+    @close_code.setter
+    def close_code(self, code: int) -> None:
+        """Record the code this service ends the connection with when it cannot send the close frame (the
+        peer's buffers are full: the connection is cut), unless a code was already sent or received."""
+        self._decide(code)
+
+    def _decide(self, code: int, message: str | None = None) -> None:
+        if not self._coded:
+            self._coded = True
+            self._ws.close_reason, self._ws.close_message = code, message
+
+    def _ended(self) -> None:
+        """The reader saw the end of the connection: nothing more is sent on it, and its client is told now."""
+        self._decide(CloseReason.ABNORMAL_CLOSURE)  # unless a close frame was sent or received: its code stays
+        self._open = False
+        self._ws.connected = False
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
 
     def serve(self, deliver: Callable[[str | bytes], None], ping_allowed: PingPolicy = lambda: True) -> None:
         """Read the connection in this greenlet, passing each message to `deliver`, until it is closed or
@@ -270,7 +299,7 @@ class Connection:
         fragment, a protocol error), the connection is read by wsproto, from that frame's first byte.
         """
         self._reader = gevent.getcurrent()
-        ws, wsproto = self._ws, self._ws.ws
+        wsproto = self._ws.ws
         parts: list[str | bytes] = []
         size = 0
         since_pause = 0
@@ -283,9 +312,8 @@ class Connection:
                     break
                 finally:
                     self._in_recv = False
-                if not data:  # the peer's end of the connection, without a close frame
-                    ws.close_reason = CloseReason.ABNORMAL_CLOSURE
-                    ws.connected = False
+                if not data:  # the peer's end of the connection, without a close frame (or after ours)
+                    self._ended()
                     return
                 if self._unread is not None:
                     data = self._unread + data
@@ -295,7 +323,7 @@ class Connection:
                             if self._interrupted:
                                 return
                         elif kind == _PING:
-                            if ping_allowed():
+                            if self._open and ping_allowed():
                                 self._socket.send(b"\x8a" + bytes((len(payload),)) + payload)
                         elif payload == self._ping_payload:  # a pong: only an answer to this service's ping counts
                             self.pong_received = True
@@ -321,25 +349,29 @@ class Connection:
                             if self._interrupted:
                                 return
                     elif isinstance(event, Ping):
-                        if ping_allowed():
+                        if self._open and ping_allowed():
                             self._socket.send(wsproto.send(event.response()))
                     elif isinstance(event, Pong):
                         if event.payload == self._ping_payload:  # only an answer to this service's ping counts
                             self.pong_received = True
                     elif isinstance(event, CloseConnection):
-                        ws.close_reason, ws.close_message = event.code, event.reason
-                        if wsproto.state is ConnectionState.REMOTE_CLOSING:
-                            self._socket.send(wsproto.send(event.response()))  # echo the peer's close
-                        elif wsproto.state is ConnectionState.OPEN:  # a protocol error: 1002, 1007, 1009
+                        if wsproto.state is ConnectionState.OPEN:  # a protocol error: 1002, 1007, 1009
                             self._close_from_reader(event.code, event.reason or "")
-                        ws.connected = False
+                            return
+                        self._decide(event.code, event.reason)
+                        echo = self._open and wsproto.state is ConnectionState.REMOTE_CLOSING
+                        # The writer is told before the echo is written (a write may let it run): it must
+                        # not send a message or a ping after the close.
+                        self._ended()
+                        if echo:
+                            self._socket.send(wsproto.send(event.response()))  # echo the peer's close
                         return
                     since_pause += 1
                     if since_pause >= YIELD_EVERY_FRAMES:
                         since_pause = 0
                         gevent.sleep(0)  # let every other greenlet run: one socket never holds the worker
-        except (OSError, LocalProtocolError):
-            ws.connected = False
+        except (OSError, LocalProtocolError):  # a reset (ECONNRESET), a cut connection
+            self._ended()
 
     def _frames(self, data: bytes) -> Iterator[tuple[int, Any]]:
         """The whole simple frames at the start of `data` (see `serve`): text messages decoded, ping and pong
@@ -390,12 +422,21 @@ class Connection:
         self._unread, self._handover = None, data
 
     def _close_from_reader(self, code: int, reason: str) -> None:
-        try:
-            self._socket.send(self._ws.ws.send(CloseConnection(code, reason)))
-        except (OSError, LocalProtocolError):
-            pass
-        self._ws.close_reason = code
-        self._ws.connected = False
+        """The peer broke the protocol: close with `code`, the client told first (see `_ended`)."""
+        frame = b""
+        if self._open:
+            self._open = False
+            self._decide(code)
+            try:
+                frame = self._ws.ws.send(CloseConnection(code, reason))
+            except LocalProtocolError:
+                pass
+        self._ended()
+        if frame:
+            try:
+                self._socket.send(frame)
+            except OSError:
+                pass
 
     def alive(self) -> bool:
         """False once the connection is closed or closing, even if the reader has not noticed yet."""
@@ -413,13 +454,14 @@ class Connection:
             self._reader.throw(_Wakeup)
 
     def send(self, *payloads: bytes) -> None:
-        """Write text messages (UTF-8 payloads), in one write; raises `ConnectionClosed` or `OSError`.
+        """Write text messages (UTF-8 payloads), in one write; raises `ConnectionClosed` (nothing is written)
+        once the connection is closed or closing, or `OSError`.
 
         The frames are built here rather than by wsproto: a server's frames are
         not masked, so each is a header and the payload, and it saves a third of
         the cost of each write (every recipient of a broadcast pays it).
         """
-        if not self._ws.connected:
+        if not self._open:
             raise ConnectionClosed(self._ws.close_reason, self._ws.close_message)
         if len(payloads) == 1:
             self._socket.send(_frame(payloads[0]))
@@ -427,7 +469,10 @@ class Connection:
             self._socket.send(b"".join([_frame(payload) for payload in payloads]))
 
     def ping(self) -> bool:
-        """Send a WebSocket ping; False (and nothing sent) if the previous one got no answer."""
+        """Send a WebSocket ping; False (and nothing sent) if the previous one got no answer. On a connection
+        that is closed or closing nothing is sent and True is returned: its end is the reader's to report."""
+        if not self._open:
+            return True
         if not self.pong_received:
             return False
         self.pong_received = False  # set again by `serve` when the pong carrying this payload arrives
@@ -436,16 +481,24 @@ class Connection:
         return True
 
     def close(self, code: int, reason: str) -> None:
-        """Send a close frame (if still open) and make `serve` return."""
-        try:
-            self._ws.close(code, reason)
-            self._ws.close_reason = code
-        except (ConnectionClosed, OSError, LocalProtocolError):
-            pass
+        """Make `serve` return and send a close frame (unless the connection is closed or closing already).
+
+        The reader is woken first: the client leaves its session now even if the close frame has to wait
+        for room in a peer's full buffers (then the client's ticker cuts the connection).
+        """
         self.interrupt()
+        if self._open:
+            self._open = False
+            self._decide(code)
+            try:
+                self._ws.close(code, reason)
+            except (ConnectionClosed, OSError, LocalProtocolError):
+                pass
 
     def abort(self) -> None:
-        """Drop the connection without a close handshake (the peer is not reading)."""
+        """Drop the connection without a close handshake (the peer is not reading, or is gone)."""
+        self._decide(CloseReason.ABNORMAL_CLOSURE)  # unless a code was sent, received or recorded
+        self._open = False
         self._socket.abort()
         self.interrupt()
 
@@ -478,6 +531,8 @@ class Connection:
                 gevent.sleep(0)  # a peer that keeps sending instead must not hold the worker
         except (OSError, LocalProtocolError):
             pass
+        self._decide(CloseReason.ABNORMAL_CLOSURE)
+        self._open = False
         ws.connected = False
         self._socket.close()
 
