@@ -77,6 +77,18 @@ def stats() -> Response:
     if request.args.get("watch"):
         body.update(_store().watch_stats())
     if request.args.get("greenlets"):
-        body["greenlets"] = sum(1 for o in gc.get_objects()
-                                if isinstance(o, greenlet.greenlet) and not o.dead)
+        live = [o for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead]
+        body["greenlets"] = len(live)
+        if request.args.get("greenlets") == "where":  # where each waits: what a test shows when one lingers
+            body["greenlets_where"] = sorted(
+                " < ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in _frames(g.gr_frame)) for g in live)
     return jsonify(body)
+
+
+def _frames(frame: Any) -> list[Any]:
+    """A greenlet's innermost frames first, at most six."""
+    frames = []
+    while frame is not None and len(frames) < 6:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames

@@ -271,9 +271,11 @@ class Server:
         status, _, body = self.request("PUT", f"/dev/documents/{collection}/{doc_id}", data)
         assert status == 204, body
 
-    def stats(self, greenlets: bool = False, watch: bool = False) -> dict[str, int]:
-        """/dev/stats; with `greenlets`, the live greenlets; with `watch`, the store's streams and targets."""
-        query = "&".join(name for name, wanted in (("greenlets=1", greenlets), ("watch=1", watch)) if wanted)
+    def stats(self, greenlets: bool | str = False, watch: bool = False) -> dict[str, Any]:
+        """/dev/stats; with `greenlets`, the live greenlets (`"where"`: and where each waits); with `watch`, the
+        store's streams and targets."""
+        wants = ((f"greenlets={greenlets if isinstance(greenlets, str) else 1}", greenlets), ("watch=1", watch))
+        query = "&".join(name for name, wanted in wants if wanted)
         status, _, body = self.request("GET", "/dev/stats" + (f"?{query}" if query else ""))
         assert status == 200, body
         return json.loads(body)

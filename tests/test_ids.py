@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 import jwt
 import pytest
 from conftest import Client, Refused, Server, join_url, owner_url, scrape, unique
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from canary import ids
 from canary.errors import Refusal
@@ -276,3 +279,54 @@ def test_the_longest_ids_are_taken_and_make_a_valid_presence_key(server: Server)
     assert status == 200, body
     assert [m["id"] for m in server.doc("sessions", sid)["members"]] == [longest]
     assert rest(server, "DELETE", f"/sessions/{sid}?userID={owner}")[0] == 204
+
+
+# -- fuzz: any text as a user ID, on both APIs ---------------------------------------------------------------
+
+#: Text a URL can carry, weighted towards what Firestore keys refuse (dots, slashes, dunders, long strings).
+FUZZED_USERS = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
+    st.builds(lambda a, b: f"__{a}{b}__", st.text(max_size=5), st.text(max_size=5)),
+    st.sampled_from([".", "..", "/", "a/b", "__name__", "u" * 257, "é" * 129, " ", "%2F", "\x00"]),
+    st.text(st.sampled_from("._/_-aé%"), min_size=1, max_size=300),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(user=FUZZED_USERS)
+def test_fuzzed_user_ids_get_no_5xx_on_either_api_and_a_refused_one_writes_nothing(fuzz_session: tuple[Server, str],
+                                                                                  user: str) -> None:
+    server, sid = fuzz_session
+    valid = True
+    try:
+        ids.user_id(user.strip())  # both APIs take the user ID without surrounding blanks (none: 400)
+    except Refusal:
+        valid = False
+    # The seed's API: a socket join.
+    status, client = seed_join(join_url(server, sid, q(user)))
+    assert status == (101 if valid else 400) or (valid and status == 409), (status, user)
+    if client is not None:
+        assert client.welcome["type"] == "session_joined"
+        client.close()
+    # The web app's API: a REST join.
+    status, _, body = rest(server, "POST", f"/sessions/{sid}/join?userID={q(user)}")
+    assert status == (200 if valid else 400) or (valid and status == 409), (status, body)
+    if not valid:
+        assert user not in [m["id"] for m in server.doc("sessions", sid)["members"]]
+        assert user not in [p["userID"] for p in query(server, "sessionPresence", "sessionID", sid).values()]
+
+
+def seed_join(url: str) -> tuple[int, Client | None]:
+    """A seed socket join: (101, the client) or (the status refused, None)."""
+    try:
+        return 101, Client.connect(url)
+    except Refused as refused:
+        return refused.status, None
+
+
+@pytest.fixture(scope="module")
+def fuzz_session(server: Server) -> Iterator[tuple[Server, str]]:
+    batch, owner = server.batch()
+    host = Client.connect(owner_url(server, batch, owner))
+    yield server, host.welcome["sessionID"]
+    host.close()

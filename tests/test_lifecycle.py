@@ -262,5 +262,5 @@ def test_everything_returns_to_zero_after_everyone_leaves(server_factory) -> Non
     # Idle greenlets of the server itself may end meanwhile: at most as many as before.
     wait_for(lambda: (s := server.stats(greenlets=True)).pop("greenlets") <= base["greenlets"]
              and s == {k: v for k, v in base.items() if k != "greenlets"},
-             what=f"stats back to {base}", detail=lambda: server.stats(greenlets=True),
+             what=f"stats back to {base}", detail=lambda: server.stats(greenlets="where"),
              timeout=30)  # greenlets that end by themselves may take seconds on a busy machine; a leak stays
