@@ -4,6 +4,7 @@ and real OS threads as the concurrent callers (the service's are greenlets)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,8 +15,8 @@ from conftest import wait_for
 from canary import presence as presence_module
 from canary.errors import Refusal
 from canary.memory_store import MemoryStore
-from canary.records import SessionRecords, presence_id
-from canary.store import SESSION_PRESENCE, SESSIONS, StoreError, T, Transaction
+from canary.records import SessionRecords, _Followed, presence_id
+from canary.store import SESSION_PRESENCE, SESSION_WRITERS, SESSIONS, StoreError, T, Transaction
 
 WAIT = 10.0
 
@@ -311,3 +312,45 @@ def test_a_change_that_may_end_the_session_commits_alone(side_by_side: SessionRe
     assert late.status == 404
     assert held.get(SESSIONS, session) is None
     assert held.query(SESSION_PRESENCE, "sessionID", session) == []
+
+
+# -- a storm's callers share their reads -------------------------------------------------------------------
+class SlowReads(GatedStore):
+    """Reads of the writer documents and watches of session documents take a moment (and count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writer_reads = 0
+        self.document_watches = 0
+
+    def get(self, collection: str, doc_id: str) -> Any:
+        if collection == SESSION_WRITERS:
+            self.writer_reads += 1
+            time.sleep(0.05)  # another caller runs meanwhile: what the lock must cover
+        return super().get(collection, doc_id)
+
+    def watch_document(self, collection: str, doc_id: str, callback: Any) -> Any:
+        self.document_watches += 1
+        time.sleep(0.05)
+        return super().watch_document(collection, doc_id, callback)
+
+
+def test_callers_of_one_session_share_one_writer_lookup_and_one_watch() -> None:
+    store = SlowReads()
+    a = SessionRecords(store, "A", lambda: datetime.now(UTC))
+    sid = a.create("b1", "p1", "owner", "owner@example.com").session_id
+    a.renew_lease(60)
+    b = SessionRecords(store, "B", lambda: datetime.now(UTC))
+    callers = Callers()
+    for _ in range(20):
+        callers.start(lambda: b.writer_of(sid))
+    assert callers.join() == [None] * 20  # A writes it
+    assert store.writer_reads == 1
+
+    followed = _Followed()
+    watchers = Callers()
+    for _ in range(20):
+        watchers.start(lambda: followed.follow(store, sid))
+    watchers.join()
+    assert store.document_watches == 1
+    followed.stop()
