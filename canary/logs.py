@@ -195,7 +195,29 @@ def configure(env: Mapping[str, str] | None = None) -> None:
         access_handler = logging.StreamHandler(sys.stdout) if target == "-" else logging.FileHandler(target)
         access_handler.setFormatter(make_formatter(fmt, logging.Formatter("%(message)s")))
         _install(access, access_handler)
+    grpc_common = logging.getLogger("grpc._common")
+    if not any(isinstance(f, UndecodableResponseFilter) for f in grpc_common.filters):
+        grpc_common.addFilter(UndecodableResponseFilter())
     logging.captureWarnings(True)
+
+
+class UndecodableResponseFilter(logging.Filter):
+    """grpc's "Exception deserializing message!" as one warning line, not a traceback.
+
+    grpc logs it, with the decoder's traceback, when a response cannot be decoded (seen now and then on
+    Google's Firestore emulator: "Wire format was corrupt"); the call then fails with INTERNAL, and the
+    service handles that failure as any other (the Listen stream is reopened with its resume tokens, a
+    unary call is retried or refused), logging it itself.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.msg == "Exception deserializing message!":
+            error = record.exc_info[1]
+            record.msg, record.args = "a gRPC response could not be decoded (%s: %s); its call fails", (
+                type(error).__name__, error)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _install(logger: logging.Logger, handler: logging.Handler) -> None:

@@ -206,6 +206,24 @@ def test_configure_sets_up_the_application_s_logging(restore_logging: None, caps
     assert "/quiet" not in capsys.readouterr().out + access_log.read_text()
 
 
+
+def test_a_grpc_response_that_cannot_be_decoded_is_one_warning_line(restore_logging: None,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """grpc logs it with the decoder's traceback (grpc/_common.py `_transform`); the call fails and the
+    service handles that, so the log gets one line."""
+    logs.configure({})
+    try:
+        raise ValueError("Wire format was corrupt")
+    except ValueError:
+        logging.getLogger("grpc._common").exception("Exception deserializing message!")
+        logging.getLogger("grpc._common").exception("Exception serializing message!")  # ours to fix: kept
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "WARNING grpc._common: a gRPC response could not be decoded (ValueError: Wire format was corrupt); " \
+           "its call fails" in lines[0]
+    assert "ERROR grpc._common: Exception serializing message!" in lines[1]
+    assert err.count("Traceback") == 1  # the serializing one's
+
 # -- log_upgrade ----------------------------------------------------------------------------------------
 
 @pytest.fixture
