@@ -34,9 +34,10 @@ PROJECT_ID_MAX_BYTES = 128
 #: 128 + 1 + 3 × 256 = 897 bytes: within Firestore's 1,500 with room to spare.
 USER_ID_MAX_BYTES = 256
 
-#: The longest presence key, as records.presence_id composes it.
+#: The longest presence key, as session_writer.presence_id composes it (throttle.user_key prefixes it with
+#: "user_").
 _PRESENCE_ID_MAX_BYTES = SESSION_ID_MAX_BYTES + 1 + 3 * USER_ID_MAX_BYTES
-assert _PRESENCE_ID_MAX_BYTES <= FIRESTORE_ID_MAX_BYTES
+assert len("user_") + _PRESENCE_ID_MAX_BYTES <= FIRESTORE_ID_MAX_BYTES
 
 #: Firestore reserves these document IDs.
 _RESERVED = re.compile(r"__.*__", re.DOTALL)

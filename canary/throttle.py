@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from hashlib import sha256
 from typing import Any
-from urllib.parse import quote
 
 from .errors import Refusal
+from .session_writer import presence_id
 from .store import PASSWORD_THROTTLES, Data, Store, StoreError, Transaction
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,9 @@ class ThrottleLimits:
 
 
 def user_key(session_id: str, user_id: str) -> str:
-    """The counter document of `user_id`'s password joins of `session_id` (user IDs may hold any character)."""
-    return f"user_{session_id}_{quote(user_id, safe='')}"
+    """The counter document of `user_id`'s password joins of `session_id`: its presence key, prefixed (within
+    Firestore's key limit as ids.py bounds that key)."""
+    return "user_" + presence_id(session_id, user_id)
 
 
 def address_key(address: str) -> str:
