@@ -81,6 +81,7 @@ def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn's hook signatur
     come back to (on this host's next process or on another).
     """
     import signal
+    import time
 
     import gevent
 
@@ -101,8 +102,24 @@ def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn's hook signatur
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):  # noqa: ANN001, ANN202
+        worker.canary_drain_until = time.monotonic() + graceful_timeout - 1
         gevent.spawn(shutdown, worker.wsgi)
         if callable(previous):  # gunicorn's own: stop accepting, wait for connections, exit
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def worker_exit(server, worker):  # noqa: ANN001, ANN201 - gunicorn's hook signature
+    """A worker stopping on SIGTERM waits for its WebSockets to finish closing (1012, see `post_worker_init`):
+    gunicorn waits only for its own request greenlets, and a WebSocket's request ends once it is upgraded
+    (`canary.websocket.Connection.detach`)."""
+    import time
+
+    until = getattr(worker, "canary_drain_until", None)
+    if until is not None:
+        from canary.websocket import drain
+
+        left = drain(until - time.monotonic())
+        if left:
+            worker.log.warning("stopping with %d WebSockets still open", left)

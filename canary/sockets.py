@@ -7,9 +7,11 @@ real HTTP status. Each socket route therefore registers an *admission* with
 is still plain HTTP (every refusal a real status, rendered by the route's
 blueprint in its API's vocabulary), hands the result to the view through
 `flask.g`, and prepares the environ flask-sock's `Server` is built from
-(websocket.prepare). The view (`serve`) then serves the client until it is
-gone; an admission the view never took (the handshake failed) is undone in
-`teardown_request` (`undo_unserved`).
+(websocket.prepare). The view (`serve`) connects the client and returns: the
+connection is served in a greenlet of its own until it is gone
+(`Connection.detach`), holding nothing of the request. An admission the view
+never took (the handshake failed) is undone in `teardown_request`
+(`undo_unserved`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .config import Config
 from .errors import Refusal
 from .logs import is_loopback, log_upgrade, peer_address
 from .protocol import Event, Frame, Kind, Vocabulary
-from .sessions import Admission, SessionManager
+from .sessions import Admission, Participant, SessionManager
 from .store import Store, StoreError
 from .throttle import PasswordThrottle
 from .tokens import SessionTokens
@@ -163,7 +165,9 @@ def undo_unserved(_error: BaseException | None) -> None:
 
 
 def serve(ws: Server, **_ids: str) -> None:
-    """Serve an admitted client over flask-sock's `ws` until it is gone."""
+    """Connect an admitted client over flask-sock's `ws`, then serve it until it is gone, in a greenlet of its own
+    once this view returns: what only the handshake needed (gunicorn's request, Flask's contexts, the handshake's
+    h11 state, the deep stack of a view parked in a read) is not kept for the connection's life."""
     svc = services()
     config = svc.config
     admission: Admission = g.admission  # popped once connected: until then `undo_unserved` undoes it
@@ -193,12 +197,26 @@ def serve(ws: Server, **_ids: str) -> None:
                     trusted_proxies=config.trusted_proxies, userID=participant.user_id, role=role,
                     sessionID=session_id)
         log.info("%s connected", name, extra=context)
-        connection.serve(lambda message: metrics.received(svc.sessions.receive(participant, message)),
-                         lambda: svc.sessions.ping_allowed(participant))
-    finally:
-        svc.sessions.disconnect(participant)
-        client.stop(timeout=config.idle_timeout_seconds)
-        connection.finish(timeout=_CLOSE_TIMEOUT_SECONDS)
-        metrics.CLOSES.labels(str(connection.close_code)).inc()
-        log.info("%s disconnected (close code %s)", name, connection.close_code,
-                 extra={**context, "closeCode": connection.close_code})
+    except BaseException:
+        _disconnect(svc, participant, client, connection, name, context)
+        raise
+
+    def run() -> None:
+        try:
+            connection.serve(lambda message: metrics.received(svc.sessions.receive(participant, message)),
+                             lambda: svc.sessions.ping_allowed(participant))
+        finally:
+            _disconnect(svc, participant, client, connection, name, context)
+
+    connection.detach(run)
+
+
+def _disconnect(svc: Services, participant: Participant, client: Client, connection: Connection, name: str,
+                context: dict[str, str]) -> None:
+    """The client is gone: leave its session, end its writer, complete the close handshake."""
+    svc.sessions.disconnect(participant)
+    client.stop(timeout=svc.config.idle_timeout_seconds)
+    connection.finish(timeout=_CLOSE_TIMEOUT_SECONDS)
+    metrics.CLOSES.labels(str(connection.close_code)).inc()
+    log.info("%s disconnected (close code %s)", name, connection.close_code,
+             extra={**context, "closeCode": connection.close_code})

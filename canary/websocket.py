@@ -36,8 +36,8 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 from simple_websocket import ConnectionClosed, Server
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
@@ -53,7 +54,9 @@ from wsproto.utilities import LocalProtocolError
 
 from .errors import Refusal
 
-__all__ = ["Connection", "ConnectionClosed", "check_handshake", "is_upgrade", "prepare", "server_options"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Connection", "ConnectionClosed", "check_handshake", "drain", "is_upgrade", "prepare", "server_options"]
 
 _LINGER_SECONDS = 1.0
 #: After this service's close frame, at most this much more is read (for the peer's close) from a peer that
@@ -167,6 +170,12 @@ class _Socket:
                 self._waiting -= 1
         return len(data)
 
+    def take_over(self) -> None:
+        """Keep the connection open after the request that upgraded it ends: gunicorn closes its socket object
+        then (after flask-sock's view returns), so the descriptor moves to a socket object of our own."""
+        old = self._sock
+        self._sock = type(old)(old.family, old.type, old.proto, fileno=old.detach())
+
     def abort(self) -> None:
         """Cut the connection now; blocked reads and writes fail at once."""
         try:
@@ -177,9 +186,11 @@ class _Socket:
     def peer_open(self) -> bool:
         """False if the peer closed the connection or sent a close frame that is not read yet."""
         try:
-            if not select.select([self._sock], [], [], 0)[0]:
-                return True
-            head = self._sock.recv(2, socket.MSG_PEEK)
+            # gevent's `recv` would wait (beside the reader: ConcurrentObjectUseError) where the kernel's says
+            # EAGAIN, even after a select that said readable; the peek never waits.
+            head = _raw(self._sock).recv(2, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
         except OSError:
             return False
         if not head:
@@ -204,6 +215,11 @@ class _Socket:
             pass
         self._fd = -1
         self._sock.close()
+
+
+def _raw(sock: socket.socket) -> socket.socket:
+    """The kernel's socket under a gevent socket (whose calls wait for readiness in the hub)."""
+    return getattr(sock, "_sock", sock)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -245,9 +261,16 @@ class Connection:
     def __init__(self, ws: Server, *, max_message_bytes: int | None = None) -> None:
         if not isinstance(ws.sock, _Socket):
             raise RuntimeError("the request was not prepared for the upgrade (websocket.prepare)")
-        self._ws = ws
+        if ws.ws.connection is None or not ws.connected:
+            raise ConnectionClosed(ws.close_reason, ws.close_message)
         self._socket: _Socket = ws.sock
+        #: wsproto's connection after the handshake: not simple-websocket's `Server`, whose `WSConnection` keeps
+        #: the handshake's h11 state for ever. flask-sock's `ws.close()` after the view then sends nothing.
+        self._wsproto = ws.ws.connection
+        ws.connected = False
         self._max_message_bytes = max_message_bytes or ws.max_message_size
+        self._close_code = int(CloseReason.NO_STATUS_RCVD)
+        self._close_message: str | None = None
         self._interrupted = False
         self._reader: gevent.Greenlet | None = None
         self._in_recv = False
@@ -268,7 +291,7 @@ class Connection:
     @property
     def close_code(self) -> int:
         """The close code received or sent (1005 while none; 1006 when the connection ended without one)."""
-        return int(self._ws.close_reason)
+        return self._close_code
 
     @close_code.setter
     def close_code(self, code: int) -> None:
@@ -279,13 +302,12 @@ class Connection:
     def _decide(self, code: int, message: str | None = None) -> None:
         if not self._coded:
             self._coded = True
-            self._ws.close_reason, self._ws.close_message = code, message
+            self._close_code, self._close_message = int(code), message
 
     def _ended(self) -> None:
         """The reader saw the end of the connection: nothing more is sent on it, and its client is told now."""
         self._decide(CloseReason.ABNORMAL_CLOSURE)  # unless a close frame was sent or received: its code stays
         self._open = False
-        self._ws.connected = False
         on_end, self.on_end = self.on_end, None
         if on_end is not None:
             on_end()
@@ -299,7 +321,7 @@ class Connection:
         fragment, a protocol error), the connection is read by wsproto, from that frame's first byte.
         """
         self._reader = gevent.getcurrent()
-        wsproto = self._ws.ws
+        wsproto = self._wsproto
         parts: list[str | bytes] = []
         size = 0
         since_pause = 0
@@ -428,7 +450,7 @@ class Connection:
             self._open = False
             self._decide(code)
             try:
-                frame = self._ws.ws.send(CloseConnection(code, reason))
+                frame = self._wsproto.send(CloseConnection(code, reason))
             except LocalProtocolError:
                 pass
         self._ended()
@@ -438,9 +460,28 @@ class Connection:
             except OSError:
                 pass
 
+    def detach(self, run: Callable[[], None]) -> None:
+        """Call `run` (which serves the connection) in a greenlet of its own, and let the request that upgraded
+        the connection end (see the module's docstring)."""
+        self._socket.take_over()
+        _detached.add(self)
+        _none_detached.clear()
+        gevent.spawn_raw(self._run_detached, run)
+
+    def _run_detached(self, run: Callable[[], None]) -> None:
+        try:
+            run()
+        except BaseException:
+            log.exception("serving a WebSocket failed")
+            self.abort()
+        finally:
+            _detached.discard(self)
+            if not _detached:
+                _none_detached.set()
+
     def alive(self) -> bool:
         """False once the connection is closed or closing, even if the reader has not noticed yet."""
-        return not self._interrupted and self._ws.connected and self._socket.peer_open()
+        return not self._interrupted and self._open and self._socket.peer_open()
 
     def interrupt(self) -> None:
         """Make `serve` return now, whatever is still unread (the session is left at once)."""
@@ -462,7 +503,7 @@ class Connection:
         the cost of each write (every recipient of a broadcast pays it).
         """
         if not self._open:
-            raise ConnectionClosed(self._ws.close_reason, self._ws.close_message)
+            raise ConnectionClosed(self._close_code, self._close_message)
         if len(payloads) == 1:
             self._socket.send(_frame(payloads[0]))
         else:
@@ -477,7 +518,7 @@ class Connection:
             return False
         self.pong_received = False  # set again by `serve` when the pong carrying this payload arrives
         self._ping_payload = os.urandom(8)
-        self._socket.send(self._ws.ws.send(Ping(self._ping_payload)))
+        self._socket.send(self._wsproto.send(Ping(self._ping_payload)))
         return True
 
     def close(self, code: int, reason: str) -> None:
@@ -491,8 +532,8 @@ class Connection:
             self._open = False
             self._decide(code)
             try:
-                self._ws.close(code, reason)
-            except (ConnectionClosed, OSError, LocalProtocolError):
+                self._socket.send(self._wsproto.send(CloseConnection(code, reason)))
+            except (OSError, LocalProtocolError):
                 pass
 
     def abort(self) -> None:
@@ -505,11 +546,9 @@ class Connection:
     def finish(self, timeout: float) -> None:
         """Complete the close handshake (read until the peer's close, or `timeout`), then close the socket.
 
-        Afterwards the connection is closed, so the `ws.close()` that flask-sock
-        calls after the view returns sends nothing: the close frame and its
-        code are the ones this service chose.
+        Afterwards the connection is closed: the close frame and its code are the ones this service chose.
         """
-        ws, wsproto = self._ws, self._ws.ws
+        wsproto = self._wsproto
         deadline = time.monotonic() + timeout
         read = 0
         try:
@@ -533,8 +572,19 @@ class Connection:
             pass
         self._decide(CloseReason.ABNORMAL_CLOSURE)
         self._open = False
-        ws.connected = False
         self._socket.close()
+
+
+_detached: set[Connection] = set()
+_none_detached = gevent.event.Event()
+_none_detached.set()
+
+
+def drain(timeout: float) -> int:
+    """Wait up to `timeout` seconds for every connection served after its request ended (`Connection.detach`)
+    to end: a stopping worker calls it, since gunicorn waits only for its request greenlets. How many are left."""
+    _none_detached.wait(max(timeout, 0))
+    return len(_detached)
 
 
 def _join(parts: list[str | bytes], last: Message) -> str | bytes:

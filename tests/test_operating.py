@@ -26,6 +26,7 @@ from conftest import (
     value,
     wait_for,
 )
+from grpc_proxy import Proxy
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -172,6 +173,24 @@ def test_ready_flips_on_a_store_outage(tmp_path: Path) -> None:
     finally:
         server.stop()
         emulator.stop()
+
+
+def test_a_restart_closes_every_client_with_1012_even_when_the_store_is_slow(
+        proxied_server_factory: Callable[..., Server], firestore_proxy: Proxy) -> None:
+    # A WebSocket's request ends once it is upgraded (its connection is served on, websocket.Connection.detach),
+    # so gunicorn no longer waits for it: the worker waits itself (gunicorn.conf.py's worker_exit). Here the
+    # store takes 2 s to expire the process's lease before the clients are closed, while gunicorn's own
+    # wait for its requests ends within 1 s.
+    server = proxied_server_factory()
+    owner = Client.connect(owner_url(server, *server.batch()))
+    sid = owner.welcome["sessionID"]
+    members = [Client.connect(join_url(server, sid, f"restarted-{i}")) for i in range(20)]
+    firestore_proxy.latency = 2.0
+    server.process.send_signal(signal.SIGTERM)
+    codes = [client.closed_with(skip=("keepalive", "member_joined")) for client in [owner, *members]]
+    assert codes == [1012] * 21
+    assert server.process.wait(timeout=TIMEOUT) == 0
+    assert "WebSockets still open" not in server.log()
 
 
 def test_ready_flips_on_sigterm(server_factory: Callable[..., Server]) -> None:
