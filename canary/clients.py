@@ -19,7 +19,7 @@ from gevent.hub import Hub, Waiter
 from gevent.monkey import get_original
 
 from . import metrics
-from .protocol import CLOSE_TRY_AGAIN_LATER, Frame
+from .protocol import CLOSE_TRY_AGAIN_LATER, Frame, coalesce
 from .websocket import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ class Client:
     `max_bytes` bounds what may wait to be written, in bytes: a burst whose
     size grows with the session (everyone joining at once) is not a slow
     client, a client that stopped reading is. Coalescing messages (snapshots)
-    keep at most one pending per type, the newest; when the other messages
+    keep at most one pending per type, the newest (its `changes` merged with
+    the pending one's: `protocol.coalesce`); when the other messages
     waiting exceed `max_bytes` the client is closed with 1013 rather than
     losing one silently.
 
@@ -182,10 +183,12 @@ class Client:
         if self._closing is not None:
             return False
         if frame.coalesce:
-            already_queued = frame.type in self._pending
-            self._pending[frame.type] = frame
-            if not already_queued:
+            pending = self._pending.get(frame.type)
+            if pending is None:
                 self._queue.put(frame.type)
+            elif frame.changes is not None:  # a slow client: one message says what both did
+                frame = coalesce(pending, frame)
+            self._pending[frame.type] = frame
             return True
         # A message bigger than the bound on its own still goes out, once nothing else waits.
         if self._queued_bytes and self._queued_bytes + len(frame.data) > self._max_bytes:
@@ -262,7 +265,10 @@ class Client:
             return
         started = self._writing_since = time.monotonic()
         try:
-            self._connection.send(*(frame.data for frame in frames))
+            if len(frames) == 1:
+                self._connection.send(frames[0].data)
+            else:
+                self._connection.send(*[frame.data for frame in frames])
         finally:
             self._writing_since = 0.0
         if message and not self._written_at:  # the first message since the last ping: follow it with one

@@ -1,8 +1,10 @@
 """The in-memory store: the embedded default, with Firestore's semantics.
 
 One lock serialises transactions (so they are isolated), documents are copied
-in and out (so callers never share mutable state with the store), and watch
-callbacks run after the commit, outside the lock, in the committing thread.
+in and out (so callers never share mutable state with the store; a query
+listener gets the same copy of a document until it changes, as from
+Firestore's store), and watch callbacks run after the commit, outside the
+lock, in the committing thread.
 """
 
 from __future__ import annotations
@@ -184,8 +186,27 @@ class MemoryStore(Store):
         def matches(_doc_id: str, data: Data | None) -> bool:
             return data is not None and data.get(field) == value
 
-        return self._add_watch(_MemoryWatch(
-            self, collection, matches, lambda: callback(self.query(collection, field, value)), "query"))
+        # A document unchanged since the last snapshot is delivered as the same copy (Firestore's store does
+        # likewise with its decoded documents): a snapshot of a large query after one change copies one
+        # document, not all of them. Stored documents are replaced on every write, never changed in place.
+        delivered: dict[str, tuple[Data, Document]] = {}
+
+        def snapshot() -> None:
+            with self._lock:
+                documents = []
+                for doc_id, data in self._docs.get(collection, {}).items():
+                    if data.get(field) != value:
+                        continue
+                    last = delivered.get(doc_id)
+                    if last is None or last[0] is not data:
+                        last = delivered[doc_id] = (data, Document(doc_id, _copy(data)))
+                    documents.append(last[1])
+                if len(delivered) > len(documents):
+                    for doc_id in delivered.keys() - {d.id for d in documents}:
+                        del delivered[doc_id]
+            callback(documents)
+
+        return self._add_watch(_MemoryWatch(self, collection, matches, snapshot, "query"))
 
     def watch_document(self, collection: str, doc_id: str, callback: DocumentCallback) -> Watch:
         return self._add_watch(_MemoryWatch(

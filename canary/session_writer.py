@@ -47,7 +47,7 @@ def fold(doc: Data, presences: Mapping[str, Data | None]) -> Data:
     presence, None where there is none) change; {} when they change nothing.
 
     Members keep their order; new ones are appended in the order they joined. The owner's presence sets
-    `ownerLeftAt` (when it went away) or clears it; an owner without a presence changes nothing (a web-app
+    `ownerLeftAt` (when it last went away) or clears it; an owner without a presence changes nothing (a web-app
     session nobody has connected to yet).
     """
     owner = doc["owner"]["id"]
@@ -62,8 +62,12 @@ def fold(doc: Data, presences: Mapping[str, Data | None]) -> Data:
     owner_presence = presences.get(owner)
     if owner_presence is not None:
         away = bool(owner_presence.get("away"))
-        if away and doc.get("ownerLeftAt") is None:
-            updates["ownerLeftAt"] = owner_presence.get("awaySince")
+        since = owner_presence.get("awaySince")
+        if away and (doc.get("ownerLeftAt") is None or (since is not None and doc.get("ownerLeftAt") != since)):
+            # Also when the document says the owner is away already, since an earlier time: the owner came
+            # and went again before a fold saw it back (its process told its clients `owner_joined`), and
+            # only a change of the document tells them `owner_left`.
+            updates["ownerLeftAt"] = since
         elif not away and doc.get("ownerLeftAt") is not None:
             updates["ownerLeftAt"] = None
     return updates
@@ -130,9 +134,12 @@ class SessionWriter:
         """The listener's snapshot: the users whose presence changed are folded soon (from any thread)."""
         current = {d.data.get("userID", ""): d.data for d in documents}
         with self._lock:
-            # What this process folded already (it read it fresh, or wrote it itself) is not folded again.
-            changed = {u for u in current.keys() | self.view.keys()
-                       if current.get(u) != self.view.get(u) and current.get(u) != self._folded.get(u, ())}
+            # What this process folded already (it read it fresh, or wrote it itself) is not folded again. Both
+            # stores deliver an unchanged presence as the same object: `is` settles most of a large session.
+            view, folded = self.view, self._folded
+            changed = {u for u, data in current.items()
+                       if data is not view.get(u) and data != view.get(u) and data != folded.get(u, ())}
+            changed.update(u for u in view.keys() - current.keys() if folded.get(u, ()) is not None)
             self.view = current
             self._dirty.update(changed)
         self.drain_soon()

@@ -50,6 +50,14 @@ def test_the_owners_presence_sets_and_clears_owner_left_at() -> None:
     assert gone == {"ownerLeftAt": T0}
     assert fold({**DOC, "ownerLeftAt": T0}, {"owner": presence("owner", role="owner")}) == {"ownerLeftAt": None}
     assert fold({**DOC, "ownerLeftAt": T0}, {"owner": None}) == {}  # nobody connected yet: unchanged
+    assert fold({**DOC, "ownerLeftAt": T0}, {"owner": presence("owner", role="owner", away=True, since=T0)}) == {}
+
+
+def test_an_owner_that_came_and_went_between_two_folds_moves_owner_left_at() -> None:
+    # Its process told its clients `owner_joined` when it came: the document must change for `owner_left`.
+    later = T0 + timedelta(seconds=5)
+    went_again = fold({**DOC, "ownerLeftAt": T0}, {"owner": presence("owner", role="owner", away=True, since=later)})
+    assert went_again == {"ownerLeftAt": later}
 
 
 def test_the_owner_is_never_listed_as_a_member() -> None:
