@@ -66,7 +66,9 @@ def create_app(config: Config | None = None, store: Store | None = None) -> Flas
                               max_clients=config.client_capacity, max_per_user=config.max_connections_per_user,
                               max_per_address=config.max_connections_per_address, on_commit=metrics.commit,
                               commit_interval=config.session_write_interval,
-                              settle_seconds=config.firestore_timeout_seconds)
+                              settle_seconds=config.firestore_timeout_seconds,
+                              image_interval=config.image_write_seconds,
+                              max_snapshot_changes_bytes=config.max_snapshot_changes_bytes)
     sessions.on_session_write(metrics.session_write)
     sessions.start()
     gevent.spawn(_every, config.process_lease_seconds / 3, sessions.maintain)

@@ -101,6 +101,36 @@ FIELD_SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
                             "description": "Every member's user ID."}),
     "role": ("Role", {"type": "string", "enum": [OWNER, MEMBER]}),
     "code": ("ErrorCode", {"type": "string", "enum": list(protocol.ERROR_CODES)}),
+    "imageID": ("ImageID", {"type": ["string", "null"],
+                            "description": "The image the participant looks at; `null` when none."}),
+    "images": ("Images", {"type": "object", "additionalProperties": {"type": "string"},
+                          "description": "User ID → the image that participant looks at, for each other "
+                                         "connected participant that looks at one."}),
+    "changes": ("Changes", {
+        "type": ["object", "null"],
+        "description": "What changed since the previous message of this type the client was sent (documents as "
+                       "`{id, data}`); `reset` on the first one of a watch, whose `added` lists every document. "
+                       "`null` when larger than `MAX_SNAPSHOT_CHANGES_BYTES`: re-fetch over REST.",
+        "properties": {
+            "reset": {"type": "boolean"},
+            "added": {"type": "array", "items": {"$ref": "#/components/schemas/Document"}},
+            "modified": {"type": "array", "items": {"$ref": "#/components/schemas/Document"}},
+            "removed": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["reset", "added", "modified", "removed"],
+        "additionalProperties": False,
+    }),
+}
+
+#: Schemas that fields' schemas refer to: field name → {components.schemas key: schema}.
+REFERENCED_SCHEMAS: dict[str, dict[str, dict[str, Any]]] = {
+    "changes": {"Document": {
+        "type": "object",
+        "description": "A keypoint or bounding box: its document ID and its fields (times as RFC 3339 strings).",
+        "properties": {"id": {"type": "string"}, "data": {"type": "object"}},
+        "required": ["id", "data"],
+        "additionalProperties": False,
+    }},
 }
 
 COALESCE_NOTE = ("Coalescing: at most one of these is pending per client; a newer one replaces the queued one, so "
@@ -284,7 +314,9 @@ def document() -> dict[str, Any]:
         "channels": channels,
         "operations": operations,
         "components": {
-            "schemas": {key: schema for name, (key, schema) in FIELD_SCHEMAS.items() if name in used},
+            "schemas": {**{key: schema for name, (key, schema) in FIELD_SCHEMAS.items() if name in used},
+                        **{key: schema for name, schemas in REFERENCED_SCHEMAS.items() if name in used
+                           for key, schema in schemas.items()}},
             "messages": messages,
         },
     }

@@ -34,6 +34,8 @@ class Config:
     idle_timeout_seconds: float = 60.0
     max_message_bytes: int = 64 * 1024
     client_queue_bytes: int = 1 << 20
+    #: A snapshot message's `changes` larger than this as JSON are sent as `null` (the client re-fetches).
+    max_snapshot_changes_bytes: int = 64 * 1024
     worker_connections: int = 10_000
     web_concurrency: int = 1
     owner_grace_seconds: float = 0.0
@@ -42,6 +44,9 @@ class Config:
     #: The session document is written at most once per this many seconds (Firestore sustains about one
     #: write a second on a document); 0 on the memory store, which has no such limit.
     session_write_seconds: float | None = None
+    #: A member's image (`member_image`) is written at most once per this many seconds: its first switch at once,
+    #: the last of those that follow within it when it is over (member_images.py).
+    image_write_seconds: float = 1.0
     session_token_seconds: float = 60.0
     #: A login token valid for longer than this is refused (Canary's are issued for 30 days).
     max_login_token_seconds: float = 31 * 24 * 3600.0
@@ -103,12 +108,15 @@ class Config:
             idle_timeout_seconds=reader.number("IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds),
             max_message_bytes=reader.integer("MAX_MESSAGE_BYTES", cls.max_message_bytes, low=64),
             client_queue_bytes=reader.integer("CLIENT_QUEUE_BYTES", cls.client_queue_bytes, low=1024),
+            max_snapshot_changes_bytes=reader.integer("MAX_SNAPSHOT_CHANGES_BYTES", cls.max_snapshot_changes_bytes,
+                                                      low=0),
             worker_connections=reader.integer("WORKER_CONNECTIONS", cls.worker_connections, low=1),
             web_concurrency=reader.integer("WEB_CONCURRENCY", _default_workers(env), low=1),
             owner_grace_seconds=reader.number("OWNER_GRACE_SECONDS", cls.owner_grace_seconds, zero=True),
             reconnect_grace_seconds=reader.number("RECONNECT_GRACE_SECONDS", cls.reconnect_grace_seconds),
             process_lease_seconds=reader.number("PROCESS_LEASE_SECONDS", cls.process_lease_seconds),
             session_write_seconds=reader.number("SESSION_WRITE_SECONDS", None, zero=True),
+            image_write_seconds=reader.number("IMAGE_WRITE_SECONDS", cls.image_write_seconds, zero=True),
             session_token_seconds=reader.number("SESSION_TOKEN_SECONDS", cls.session_token_seconds),
             max_login_token_seconds=reader.number("MAX_LOGIN_TOKEN_SECONDS", cls.max_login_token_seconds),
             inbound_frames_per_second=reader.number("INBOUND_FRAMES_PER_SECOND", cls.inbound_frames_per_second),

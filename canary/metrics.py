@@ -66,6 +66,8 @@ for _counter in (USER, ADDRESS):  # shown at 0 from the start: an alert on their
     PASSWORD_THROTTLED.labels(_counter)
 COMMITS = Counter("canary_membership_commits", "Membership transactions committed (presence documents)")
 SESSION_WRITES = Counter("canary_session_writes", "Session documents written by their writer (this process)")
+IMAGE_WRITES = Counter("canary_member_image_writes", "Member-image documents written or deleted (at most about "
+                       "one a second per participant switching images)")
 CHANGES = Counter("canary_membership_changes", "Membership changes those transactions carried")
 WRITES_PER_COMMIT = Histogram("canary_commit_writes", "Documents written per membership commit",
                               buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500))
@@ -131,6 +133,7 @@ def password_throttled(counter: str) -> None:
 
 
 _published_errors: dict[str, int] = {}
+_published_image_writes = 0
 
 
 def refresh(sessions: SessionManager, store: Store) -> None:
@@ -144,6 +147,10 @@ def refresh(sessions: SessionManager, store: Store) -> None:
     SESSION_TARGETS.set(watch["document_targets"])
     WATCH_STREAMS.set(watch["streams"])
     LEASE_HELD.set(1 if sessions.lease_held else 0)
+    global _published_image_writes
+    if sessions.image_writes > _published_image_writes:
+        IMAGE_WRITES.inc(sessions.image_writes - _published_image_writes)
+        _published_image_writes = sessions.image_writes
     for kind, total in store.error_counts().items():
         if total > _published_errors.get(kind, 0):
             STORE_ERRORS.labels(kind).inc(total - _published_errors.get(kind, 0))

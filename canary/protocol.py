@@ -43,6 +43,18 @@ def utc_now() -> str:
     return _now_cache[1]
 
 
+class Coalescible:
+    """A field value encoded beforehand (`json`, once for every message that carries it), which merges with
+    the value of a newer message of the same type (`then`) when the two coalesce: a snapshot's `changes`
+    (`changes.Delta`). It is a message's last field."""
+
+    __slots__ = ("json",)
+    json: str
+
+    def then(self, newer: Any) -> Any:
+        raise NotImplementedError
+
+
 class Frame(NamedTuple):
     """One encoded server message, ready to be written to any number of sockets."""
 
@@ -51,6 +63,20 @@ class Frame(NamedTuple):
     coalesce: bool
     data: bytes  # `text` in UTF-8: what goes on the wire
     born: float = 0.0  # a notification's: when the store change was seen (time.monotonic), for its latency
+    changes: Coalescible | None = None  # a snapshot's `changes`, the end of `text`: merged when frames coalesce
+
+
+def coalesce(pending: Frame, newer: Frame) -> Frame:
+    """The frame that replaces `pending` (queued for a client, not yet written) when `newer`, of the same type,
+    comes: `newer`, its `changes` merged with the pending frame's. Only that merged frame is encoded again (the
+    slow client's case); its text is `newer`'s with the merged `changes` in place of its own."""
+    if pending.changes is None or newer.changes is None:
+        return newer
+    merged = pending.changes.then(newer.changes)
+    if merged is newer.changes:
+        return newer
+    text = newer.text[:len(newer.text) - len(newer.changes.json) - 1] + merged.json + "}"
+    return newer._replace(text=text, data=text.encode(), changes=merged)
 
 
 @dataclass(frozen=True)
@@ -69,6 +95,11 @@ class ServerMessage:
             values["time"] = utc_now()
         if values.keys() != set(self.fields):
             raise TypeError(f"{self.type} takes exactly {self.fields}, got {tuple(values)}")
+        last = values[self.fields[-1]]
+        if isinstance(last, Coalescible):  # encoded already: spliced in as it is, kept to be merged
+            body = {"type": self.type, **{name: values[name] for name in self.fields[:-1]}}
+            text = f'{json.dumps(body, separators=(",", ":"))[:-1]},"{self.fields[-1]}":{last.json}}}'
+            return Frame(self.type, text, self.coalesce, text.encode(), changes=last)
         body = {"type": self.type, **{name: values[name] for name in self.fields}}
         text = json.dumps(body, separators=(",", ":"))
         return Frame(self.type, text, self.coalesce, text.encode())
@@ -92,6 +123,7 @@ class Kind(StrEnum):
     MEMBER_LEFT = "member_left"
     OWNER_LEFT = "owner_left"
     OWNER_JOINED = "owner_joined"
+    MEMBER_IMAGE = "member_image"
     KEY_POINTS = "key_points"
     BOUNDING_BOXES = "bounding_boxes"
     KEEPALIVE = "keepalive"
@@ -157,23 +189,37 @@ ERROR_CODES = ("binary_frame", "invalid_json", "invalid_message", "unknown_type"
                "watch_failed", "rate_limited")
 
 # -- the seed's API: /sessions/<batchID> and /sessions/<sessionID>/join ------------------------------
+_IMAGES = ("`images` maps the user ID of each other connected participant (owner or member) that looks at an "
+           "image to that `imageID` (`{}` when none does); `member_image` tells every change from then on.")
+_MEMBER_IMAGE_AUDIENCE = ("everyone in the session but that member, when its image changes (`setImageID`, at most "
+                          "about once a second; or its socket closes: `null`)")
+_MEMBER_IMAGE_MEANING = ("The image the member (or the owner) looks at now; `imageID` is `null` when none (its "
+                         "socket closed). Keep a map of participant → image and replace its entry: the last one "
+                         "told is the current one (rapid switches are coalesced, the last always wins). A "
+                         "participant that leaves has no image.")
 SESSION_CREATED = ServerMessage(
     "session_created",
-    ("sessionID", "batchID", "role", "time"),
+    ("sessionID", "batchID", "role", "images", "time"),
     "the owner, first message after the upgrade",
-    "The session exists (or was resumed, same `sessionID`); `role` is `owner`.",
+    "The session exists (or was resumed, same `sessionID`); `role` is `owner`. " + _IMAGES,
 )
 SESSION_JOINED = ServerMessage(
     "session_joined",
-    ("sessionID", "role", "ownerID", "members", "time"),
+    ("sessionID", "role", "ownerID", "members", "images", "time"),
     "a member, first message after the upgrade",
-    "The member is in; `role` is `member`, `members` lists every member's ID (this one included).",
+    "The member is in; `role` is `member`, `members` lists every member's ID (this one included). " + _IMAGES,
 )
 MEMBER_JOINED = ServerMessage(
     "member_joined",
     ("sessionID", "memberID", "time"),
     "everyone in the session but that member",
     "A member joined.",
+)
+MEMBER_IMAGE = ServerMessage(
+    "member_image",
+    ("sessionID", "memberID", "imageID", "time"),
+    _MEMBER_IMAGE_AUDIENCE,
+    _MEMBER_IMAGE_MEANING,
 )
 MEMBER_LEFT = ServerMessage(
     "member_left",
@@ -195,18 +241,24 @@ OWNER_JOINED = ServerMessage(
     "every member, when the owner comes back",
     "The owner resumed the session.",
 )
+#: What the snapshot messages' `changes` say, and what a client does with them.
+_CHANGES = ("`changes` says how, since the previous one of this type the client was sent: `added` and `modified` "
+            "documents (`{id, data}`: the document ID and its fields), `removed` document IDs. `reset` is true on "
+            "the first one of a watch (its `added` lists every document): replace your copy of the image's "
+            "documents with it; otherwise apply the changes to your copy. `null` (larger than "
+            "`MAX_SNAPSHOT_CHANGES_BYTES`): re-fetch over REST.")
 LABELS_SNAPSHOT = ServerMessage(
     "labels_snapshot",
-    ("sessionID", "time"),
+    ("sessionID", "time", "changes"),
     "the client watching that image",
-    "The image's keypoints changed (the first one says the watch is ready). Re-fetch over REST.",
+    "The image's keypoints changed (the first one says the watch is ready). " + _CHANGES,
     coalesce=True,
 )
 BOUNDING_BOXES_SNAPSHOT = ServerMessage(
     "bounding_boxes_snapshot",
-    ("sessionID", "time"),
+    ("sessionID", "time", "changes"),
     "the client watching that image",
-    "The image's bounding boxes changed (the first one says the watch is ready). Re-fetch over REST.",
+    "The image's bounding boxes changed (the first one says the watch is ready). " + _CHANGES,
     coalesce=True,
 )
 KEEPALIVE = ServerMessage(
@@ -239,7 +291,8 @@ ERROR = ServerMessage(
 SEED = Vocabulary("seed", "the seed's API (`/sessions/<batchID>`, `/sessions/<sessionID>/join`)", {
     Kind.SESSION_CREATED: SESSION_CREATED, Kind.SESSION_JOINED: SESSION_JOINED, Kind.MEMBER_JOINED: MEMBER_JOINED,
     Kind.MEMBER_LEFT: MEMBER_LEFT, Kind.OWNER_LEFT: OWNER_LEFT, Kind.OWNER_JOINED: OWNER_JOINED,
-    Kind.KEY_POINTS: LABELS_SNAPSHOT, Kind.BOUNDING_BOXES: BOUNDING_BOXES_SNAPSHOT, Kind.KEEPALIVE: KEEPALIVE,
+    Kind.MEMBER_IMAGE: MEMBER_IMAGE, Kind.KEY_POINTS: LABELS_SNAPSHOT, Kind.BOUNDING_BOXES: BOUNDING_BOXES_SNAPSHOT,
+    Kind.KEEPALIVE: KEEPALIVE,
     Kind.SESSION_CLOSED: SESSION_CLOSED, Kind.MEMBER_KICKED: MEMBER_KICKED, Kind.PONG: PONG, Kind.ERROR: ERROR,
 })
 
@@ -262,13 +315,16 @@ WEBAPP = Vocabulary("webapp", "the web app's API (`/sessions/<sessionID>/ws/crea
         "owner_joined", ("sessionID", "ownerID", "ownerEmail", "time"),
         "every member, when the owner's socket opens (on any process)",
         "The owner is connected."),
+    Kind.MEMBER_IMAGE: ServerMessage(
+        "member_image", ("sessionID", "memberID", "memberEmail", "imageID", "time"), _MEMBER_IMAGE_AUDIENCE,
+        _MEMBER_IMAGE_MEANING + " `GET /sessions/active` lists the images at the time of the call."),
     Kind.KEY_POINTS: ServerMessage(
-        "key_points_snapshot", ("sessionID", "time"), "the client watching that image",
+        "key_points_snapshot", ("sessionID", "time", "changes"), "the client watching that image",
         "The image's keypoints changed (the first one, right after `setImageID`, says the watch is ready). "
-        "Re-fetch over REST.", coalesce=True),
+        + _CHANGES, coalesce=True),
     Kind.BOUNDING_BOXES: ServerMessage(
-        "bounding_boxes_snapshot", ("sessionID", "time"), "the client watching that image",
-        "The image's bounding boxes changed (the first one says the watch is ready). Re-fetch over REST.",
+        "bounding_boxes_snapshot", ("sessionID", "time", "changes"), "the client watching that image",
+        "The image's bounding boxes changed (the first one says the watch is ready). " + _CHANGES,
         coalesce=True),
     Kind.KEEPALIVE: KEEPALIVE,
     Kind.SESSION_CLOSED: ServerMessage(

@@ -213,6 +213,16 @@ class SessionRecords:
             self._leases[process_id] = self._store.get(PROCESSES, process_id) or {}
         return runs()
 
+    def process_alive(self, process_id: str, *, read: bool = True) -> bool:
+        """Whether `process_id`'s lease runs (this process's does). With `read`, a lease not known to run is read
+        again; without, the leases as last read (`reap`, every lease/3) are trusted and nothing is read: a
+        process not read yet is taken for alive."""
+        if read:
+            return self._alive(process_id)
+        lease = self._leases.get(process_id)
+        until = lease.get("leaseUntil") if lease is not None else None
+        return process_id == self.process_id or not isinstance(until, datetime) or until > self._clock()
+
     def writer_of(self, session_id: str, *, fresh: bool = False) -> SessionWriter | None:
         """This process's writer of the session if this process writes it, taking the role when no live
         process has it; None when another live process writes it, or the session does not exist."""

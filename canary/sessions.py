@@ -39,9 +39,22 @@ from typing import Any, NamedTuple, Protocol
 from . import protocol
 from .budget import InboundBudget, InboundLimits, Verdict
 from .errors import Refusal
+from .member_images import MemberImages, images_of
 from .protocol import Event, Frame, Kind, ProtocolError, Vocabulary
 from .records import MEMBER, OWNER, SessionRecords, SessionState
-from .store import BATCHES, PROJECTS, SESSIONS, AlreadyExists, Data, Store, StoreError, Watch, auto_id
+from .store import (
+    BATCHES,
+    MEMBER_IMAGES,
+    PROJECTS,
+    SESSIONS,
+    AlreadyExists,
+    Data,
+    Document,
+    Store,
+    StoreError,
+    Watch,
+    auto_id,
+)
 from .throttle import PasswordThrottle
 from .watches import ImageWatches, SharedListeners
 
@@ -115,6 +128,8 @@ class ActiveSession(NamedTuple):
     session_id: str
     doc: Data
     owner_connected: bool
+    #: User ID → the image each connected participant looks at (those that look at none are left out).
+    images: dict[str, str] = {}  # noqa: RUF012 - a NamedTuple's default, never changed in place
 
 
 @dataclass(eq=False)
@@ -127,6 +142,7 @@ class Participant:
     budget: InboundBudget
     watches: ImageWatches = field(init=False)
     gone: bool = False  # its connection ended: it no longer holds the user's place
+    connected_at: datetime | None = None
 
     @property
     def user_id(self) -> str:
@@ -161,12 +177,18 @@ class _LiveSession:
     owner: Participant | None = None
     members: dict[str, Participant] = field(default_factory=dict)
     listener: Watch | None = None
+    #: User ID → the image this process last told its clients that participant looks at (member_images.py).
+    images: dict[str, str] = field(default_factory=dict)
+    images_listener: Watch | None = None
 
     def local(self) -> list[Participant]:
         return ([self.owner] if self.owner else []) + list(self.members.values())
 
     def everyone_but(self, user_id: str) -> list[Participant]:
-        return [p for p in self.local() if p.user_id != user_id]
+        others = [p for uid, p in self.members.items() if uid != user_id]
+        if self.owner is not None and self.owner_id != user_id:
+            others.insert(0, self.owner)
+        return others
 
     def local_members(self) -> list[Participant]:
         return list(self.members.values())
@@ -185,6 +207,16 @@ class _LiveSession:
 
     def owner_event(self, kind: Kind) -> Event:
         return Event(kind, sessionID=self.session_id, ownerID=self.owner_id, ownerEmail=self.owner_email)
+
+    def image_event(self, user_id: str, image_id: str | None) -> Event:
+        email = self.owner_email if user_id == self.owner_id else self.known.get(user_id, "")
+        return Event(Kind.MEMBER_IMAGE, sessionID=self.session_id, memberID=user_id, memberEmail=email,
+                     imageID=image_id)
+
+    def images_for(self, user_id: str) -> dict[str, str]:
+        """The welcome's `images`: the other participants' (the owner and the members listed) that look at one."""
+        return {u: image for u, image in self.images.items()
+                if u != user_id and (u == self.owner_id or u in self.known)}
 
 
 def _now() -> datetime:
@@ -213,7 +245,9 @@ class SessionManager:
                  max_clients: int | None = None, max_per_user: int | None = None,
                  max_per_address: int | None = None,
                  on_commit: Callable[[int, int], None] | None = None, commit_interval: float = 0.0,
-                 settle_seconds: float = 10.0) -> None:
+                 settle_seconds: float = 10.0, image_interval: float = 0.0,
+                 sleep: Callable[[float], None] | None = None,
+                 max_snapshot_changes_bytes: int | None = None) -> None:
         self._store = store
         self.lease_held = False  # the last lease renewal succeeded and the process is not stopping
         self._max_clients = max_clients
@@ -232,7 +266,7 @@ class SessionManager:
         self._live: dict[str, _LiveSession] = {}
         self._admitting: set[str] = set()  # connections admitted, not yet connected nor abandoned
         self._connections: dict[str, Participant] = {}
-        self._listeners = SharedListeners(store)
+        self._listeners = SharedListeners(store, max_snapshot_changes_bytes)
         self._owner_grace = owner_grace
         self._reconnect_grace = reconnect_grace
         self._lease_seconds = lease_seconds
@@ -241,10 +275,17 @@ class SessionManager:
         self._stopping = False
         self._deferred: deque[Callable[[], None]] = deque()
         self._defer = defer or self._deferred.append
+        self._images = MemberImages(store, self.process_id, interval=image_interval, announce=self._announce_image,
+                                    spawn=self._defer, clock=clock, monotonic=monotonic, sleep=sleep)
 
     @property
     def process_id(self) -> str:
         return self._records.process_id
+
+    @property
+    def image_writes(self) -> int:
+        """Member-image documents this process wrote (or deleted) so far."""
+        return self._images.writes
 
     @property
     def session_count(self) -> int:
@@ -422,8 +463,26 @@ class SessionManager:
             if caller is not None and caller != owner and all(
                     m.get("id") != caller for m in doc.data.get("members", [])):
                 continue
-            sessions.append(ActiveSession(doc.id, doc.data, self._records.connected(doc.id, owner)))
+            sessions.append(ActiveSession(doc.id, doc.data, self._records.connected(doc.id, owner),
+                                          self._images_now(doc.id)))
         return sessions
+
+    def _images_now(self, session_id: str) -> dict[str, str]:
+        """The images the session's connected participants look at: its member-image documents (one query; a
+        lease not known to run read once), and what this process told of the participants it holds."""
+        alive: dict[str, bool] = {}
+
+        def lapsed(process: str) -> bool:
+            if process not in alive:
+                alive[process] = self._records.process_alive(process)
+            return not alive[process]
+
+        images = images_of(self._store.query(MEMBER_IMAGES, "sessionID", session_id), self.process_id,
+                           self._holds, lapsed)
+        live = self._live.get(session_id)
+        if live is not None:
+            images.update({p.user_id: live.images.get(p.user_id) for p in live.local()})
+        return {user: image for user, image in images.items() if image is not None}
 
     def _password_hash(self, password: str) -> str:
         if self._passwords is None:
@@ -467,7 +526,8 @@ class SessionManager:
         state, sid, uid = admission.state, admission.session_id, admission.user_id
         # A participant keeps its admission, not the member list of the moment (O(members) each).
         kept = replace(admission, state=replace(state, members=()))
-        participant = Participant(kept, peer, vocabulary, InboundBudget(self._inbound, self._monotonic()))
+        participant = Participant(kept, peer, vocabulary, InboundBudget(self._inbound, self._monotonic()),
+                                  connected_at=self._clock())
         participant.watches = ImageWatches(self._listeners, sid, participant.tell)
         self._admitting.discard(state.connection)
         self._connections[state.connection] = participant
@@ -475,14 +535,15 @@ class SessionManager:
         live.version = max(live.version, state.version)
         if admission.role == OWNER:
             live.owner = participant
-            participant.tell(Event(Kind.SESSION_CREATED, sessionID=sid, batchID=state.batch_id, role=OWNER))
+            participant.tell(Event(Kind.SESSION_CREATED, sessionID=sid, batchID=state.batch_id, role=OWNER,
+                                   images=live.images_for(uid)))
             if live.owner_away:
                 live.owner_away = False
                 _broadcast(live.local_members(), live.owner_event(Kind.OWNER_JOINED))
         else:
             live.members[uid] = participant
             participant.tell(Event(Kind.SESSION_JOINED, sessionID=sid, role=MEMBER, ownerID=state.owner_id,
-                                   members=list(state.member_ids)))
+                                   members=list(state.member_ids), images=live.images_for(uid)))
             if uid not in live.known:
                 live.known[uid] = next((m.email for m in state.members if m.id == uid), "")
                 _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_JOINED, uid))
@@ -514,6 +575,9 @@ class SessionManager:
                                        message="could not watch this image; try again"))
                 self.run_pending()
                 return "watch_failed"
+            if not participant.gone:  # everyone else is told, at most about once a second (member_images.py)
+                self._images.switch(participant.session_id, participant.user_id, participant.admission.connection,
+                                    participant.connected_at or self._clock(), request.payload["imageID"])
         self.run_pending()
         return request.type
 
@@ -547,6 +611,8 @@ class SessionManager:
         """
         participant.watches.stop()
         connection = participant.admission.connection
+        if not self._stopping:  # it looks at nothing now (a restart writes nothing: its lease tells)
+            self._images.close(participant.session_id, participant.user_id, connection)
         if self._connections.get(connection) is participant:
             del self._connections[connection]
             self._released(participant.user_id, participant.admission.address)
@@ -611,6 +677,7 @@ class SessionManager:
             self._records.tick(self._owner_grace, self._reconnect_grace)
         except StoreError as e:
             log.error("clean-up of the sessions this process writes failed: %s", e)
+        self._images.retry()
         self.run_pending()
 
     def shutdown(self) -> None:
@@ -642,6 +709,7 @@ class SessionManager:
             "image_watches": sum(p.watches.active for p in local),
             "image_listeners": self._listeners.count(),
             "session_listeners": sum(1 for s in self._live.values() if s.listener is not None),
+            "member_image_listeners": sum(1 for s in self._live.values() if s.images_listener is not None),
             "session_writers": len(self._records.writers()),  # each follows its session's presences
         }
 
@@ -659,7 +727,53 @@ class SessionManager:
         except StoreError as e:
             log.error("cannot follow session %s: events from other processes will be missed: %s",
                       state.session_id, e)
+        self._follow_images(live)
         return live
+
+    # -- the images the participants look at (member_images.py) ----------------------------------
+    def _follow_images(self, live: _LiveSession) -> None:
+        """Follow the session's member-image documents: read once now (what welcomes tell), then their changes."""
+        sid = live.session_id
+        try:
+            self._on_images(live, self._store.query(MEMBER_IMAGES, "sessionID", sid), announce=False)
+            live.images_listener = self._store.watch_query(
+                MEMBER_IMAGES, "sessionID", sid, lambda docs: self._defer(lambda: self._on_images(live, docs)))
+        except StoreError as e:
+            log.error("cannot follow the images of session %s: other processes' members' images will be missed: "
+                      "%s", sid, e)
+        if self._live.get(sid) is not live:  # it ended meanwhile
+            self._unfollow(live)
+
+    def _on_images(self, live: _LiveSession, docs: list[Document], announce: bool = True) -> None:
+        """A snapshot of the session's member-image documents: each participant whose image differs from what
+        this process told is announced to its clients. Those this process holds are told by it when it writes
+        them (`_announce_image`), never from the store (a late snapshot of its own write is not news)."""
+        if self._live.get(live.session_id) is not live:
+            return
+        seen = images_of(docs, self.process_id, self._holds,
+                         lambda process: not self._records.process_alive(process, read=False))
+        local = {p.user_id for p in live.local()}
+        for doc in docs:  # a late write of an older socket of a user held here is repaired
+            if doc.data.get("userID") in local and doc.data.get("process") != self.process_id:
+                self._images.overwritten(live.session_id, doc.data["userID"], doc.data)
+        for uid in [u for u in seen.keys() | live.images.keys() if u not in local]:
+            image = seen.get(uid)
+            if live.images.get(uid) != image:
+                self._told(live, uid, image, announce)
+
+    def _announce_image(self, session_id: str, user_id: str, image_id: str | None) -> None:
+        """A participant held here looks at `image_id` now (its write goes): the others here are told."""
+        live = self._live.get(session_id)
+        if live is not None and live.images.get(user_id) != image_id:
+            self._told(live, user_id, image_id, True)
+
+    def _told(self, live: _LiveSession, user_id: str, image_id: str | None, announce: bool) -> None:
+        if image_id is None:
+            live.images.pop(user_id, None)
+        else:
+            live.images[user_id] = image_id
+        if announce:
+            _broadcast(live.everyone_but(user_id), live.image_event(user_id, image_id))
 
     def _on_snapshot(self, live: _LiveSession, doc: Data | None) -> None:
         if self._live.get(live.session_id) is not live:
@@ -712,9 +826,10 @@ class SessionManager:
     def _unfollow(self, live: _LiveSession) -> None:
         if self._live.get(live.session_id) is live:
             del self._live[live.session_id]
-        listener, live.listener = live.listener, None
-        if listener is not None:
-            listener.stop()
+        for listener in (live.listener, live.images_listener):
+            if listener is not None:
+                listener.stop()
+        live.listener = live.images_listener = None
 
     def _forget_if_empty(self, live: _LiveSession) -> None:
         if not live.local():

@@ -36,6 +36,10 @@ PROCESSES = "collabProcesses"
 #: This service's own: one document per session, ID = session ID, naming the one process of the
 #: deployment that writes the session document (`session_writer.py`).
 SESSION_WRITERS = "sessionWriters"
+#: This service's own: the image each connected member of a session looks at, one document per user and
+#: session, ID `<sessionID>_<userID>` like the presence's, written at most about once a second per member
+#: (`member_images.py`), with an `expireAt` after which a TTL policy may delete it.
+MEMBER_IMAGES = "memberImages"
 #: This service's own: failed session-password joins, one small document per counter (per session and user,
 #: per client address), which stop meaning anything at their `expireAt` (`throttle.py`).
 PASSWORD_THROTTLES = "passwordThrottles"

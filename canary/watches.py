@@ -4,6 +4,12 @@ Firestore bills every listener's reads, so within one process all clients
 watching the same image share one `keypoints` and one `boundingBoxes`
 listener (`SharedListeners`); listeners grow with distinct images, not with
 clients, and stop when their last client leaves or switches.
+
+Each listener keeps its last snapshot's documents, and computes what each new
+snapshot changed once (`changes.diff`), for every subscriber: a snapshot
+message's `changes` are relative to the previous one the client was sent. A
+subscriber joining a listener that has its data already is told every
+document as added (`reset`).
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .changes import Data, Delta, diff, everything
+from .config import Config
 from .protocol import Event, Kind
-from .store import BOUNDING_BOXES, KEYPOINTS, Store, Watch
+from .store import BOUNDING_BOXES, KEYPOINTS, Document, Store, Watch
 
 #: Called with a dict shared by every subscriber of one snapshot, to build each
-#: message once per session (and vocabulary) rather than once per client.
-Notify = Callable[[dict[str, Event]], None]
+#: message once per session (and vocabulary) rather than once per client, and
+#: what the snapshot changed (shared too: encoded once).
+Notify = Callable[[dict[str, Event], Delta], None]
 _Key = tuple[str, str]  # (collection, image ID)
 
 
@@ -26,6 +35,8 @@ class _Listener:
     subscribers: set[Subscription] = field(default_factory=set)
     watch: Watch | None = None
     ready: bool = False  # a snapshot has arrived: new subscribers are told at once
+    documents: dict[str, Data] = field(default_factory=dict)  # the last snapshot's, by ID
+    everything: Delta | None = None  # `documents` as a reset, for the subscribers joining until the next snapshot
 
 
 class Subscription:
@@ -43,8 +54,11 @@ class Subscription:
 class SharedListeners:
     """Store listeners on `<collection> where imageID == X`, shared by subscribers."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_changes_bytes: int | None = None) -> None:
         self._store = store
+        #: `changes` larger than this as JSON are sent as null (MAX_SNAPSHOT_CHANGES_BYTES).
+        self._max_changes_bytes = Config.max_snapshot_changes_bytes if max_changes_bytes is None \
+            else max_changes_bytes
         self._lock = threading.Lock()  # snapshots may arrive on a foreign thread
         self._listeners: dict[_Key, _Listener] = {}
 
@@ -59,14 +73,17 @@ class SharedListeners:
             listener = self._listeners.get(key)
             if listener is not None:
                 listener.subscribers.add(subscription)
-                if listener.ready:
-                    notify({})
+                if listener.ready:  # told every document now, and what changed from the next snapshot on
+                    if listener.everything is None:
+                        listener.everything = Delta(everything(listener.documents), self._max_changes_bytes,
+                                                    reset=True)
+                    notify({}, listener.everything)
                 return subscription
             listener = self._listeners[key] = _Listener({subscription})
         try:
             # Outside the lock: the store may deliver the first snapshot synchronously.
             watch = self._store.watch_query(collection, "imageID", image_id,
-                                            lambda _docs: self._deliver(listener))
+                                            lambda docs: self._deliver(listener, docs))
         except BaseException:
             with self._lock:
                 if self._listeners.get(key) is listener:
@@ -79,13 +96,18 @@ class SharedListeners:
             watch.stop()
         return subscription
 
-    def _deliver(self, listener: _Listener) -> None:
-        with self._lock:
+    def _deliver(self, listener: _Listener, docs: list[Document]) -> None:
+        documents = {doc.id: doc.data for doc in docs}
+        with self._lock:  # the diff, the new state and who is told, together: nobody misses or repeats a change
+            changes = diff(listener.documents, documents)
+            delta = Delta(changes, self._max_changes_bytes, reset=not listener.ready)
+            listener.documents = documents
+            listener.everything = None
             listener.ready = True
             subscribers = list(listener.subscribers)
         events: dict[str, Event] = {}
         for subscription in subscribers:
-            subscription.notify(events)
+            subscription.notify(events, delta)
 
     def _cancel(self, subscription: Subscription) -> None:
         with self._lock:
@@ -147,10 +169,10 @@ class ImageWatches:
             subscription.cancel()
 
     def _notifier(self, kind: Kind, generation: int) -> Notify:
-        def notify(events: dict[str, Event]) -> None:
+        def notify(events: dict[str, Event], delta: Delta) -> None:
             if generation == self._generation:
                 event = events.get(self._session_id)
                 if event is None:  # the first watcher of this session for this snapshot makes it
-                    event = events[self._session_id] = Event(kind, sessionID=self._session_id)
+                    event = events[self._session_id] = Event(kind, sessionID=self._session_id, changes=delta)
                 self._tell(event)
         return notify

@@ -192,8 +192,10 @@ def active_sessions() -> Response:
                                 caller=caller)
     return _json({"sessions": [{
         "sessionID": s.session_id, "batchID": s.doc.get("batchID", ""), "projectID": s.doc.get("projectID", ""),
-        "owner": {"id": s.doc["owner"]["id"], "email": s.doc["owner"].get("email", "")},
-        "members": [{"id": m["id"], "email": m.get("email", "")} for m in s.doc.get("members", [])],
+        "owner": {"id": s.doc["owner"]["id"], "email": s.doc["owner"].get("email", ""),
+                  "imageID": s.images.get(s.doc["owner"]["id"])},
+        "members": [{"id": m["id"], "email": m.get("email", ""), "imageID": s.images.get(m["id"])}
+                    for m in s.doc.get("members", [])],
         "ownerConnected": s.owner_connected,
         "lastUpdated": _rfc3339(s.doc.get("lastUpdated")),
     } for s in found]})

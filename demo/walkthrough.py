@@ -3,9 +3,10 @@
     .venv/bin/python demo/walkthrough.py [http://127.0.0.1:8080]    # or: make demo [PORT=8080]
 
 alice (the owner of project-1) opens a session on batch-1, bob and carol join,
-bob watches image-1, a keypoint is added to image-1, carol leaves, alice
-leaves. Every message each client receives is printed. It can be run again and
-again against the same server: each run adds a keypoint of its own.
+bob watches image-1 (alice and carol are told: member_image), a keypoint is
+added to image-1, carol leaves, alice leaves. Every message each client receives is printed. It can be run again and
+again against the same server: each run adds, moves and deletes a keypoint of its own, and bob is told
+exactly what changed (`changes` of each labels_snapshot).
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def receive(name: str, client: Client) -> dict:
     return message
 
 
+def dev(method: str, path: str, body: dict | None = None) -> None:
+    """A call of the dev API's documents (another Canary service writing labels, in production)."""
+    request = urllib.request.Request(f"{BASE}/dev/documents/{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).close()
+
+
 def main() -> None:
     alice = Client.open("/sessions/batch-1?userID=alice")
     session = receive("alice", alice)["sessionID"]
@@ -73,18 +82,24 @@ def main() -> None:
     bob.send(json.dumps({"type": "setImageID", "payload": {"imageID": "image-1"}}))
     receive("bob", bob)  # the first labels_snapshot …
     receive("bob", bob)  # … and bounding_boxes_snapshot: the watch is ready
+    receive("alice", alice)  # member_image: bob looks at image-1 now
+    receive("carol", carol)
 
     # A keypoint of this run's own: writing again what an earlier run wrote would change nothing, and
-    # nobody is told of a change that is none.
+    # nobody is told of a change that is none. Each labels_snapshot's `changes` say what changed since the
+    # previous one (the first listed every keypoint as added, `reset`): bob applies them to his copy.
     keypoint = f"kp-{session}"
+    fields = {"imageID": "image-1", "keypointID": keypoint, "position": {"x": 3, "y": 4}, "boundingBoxID": "bb-1",
+              "keypointLabelID": "eye"}
     print(f"  (dev) PUT keypoints/{keypoint} on image-1")
-    request = urllib.request.Request(
-        f"{BASE}/dev/documents/keypoints/{keypoint}", method="PUT",
-        data=json.dumps({"imageID": "image-1", "keypointID": keypoint, "position": {"x": 3, "y": 4},
-                         "boundingBoxID": "bb-1", "keypointLabelID": "eye"}).encode(),
-        headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(request, timeout=5).close()
-    receive("bob", bob)  # labels_snapshot
+    dev("PUT", f"keypoints/{keypoint}", fields)
+    receive("bob", bob)  # labels_snapshot: added
+    print(f"  (dev) PUT keypoints/{keypoint}: moved")
+    dev("PUT", f"keypoints/{keypoint}", {**fields, "position": {"x": 5, "y": 6}})
+    receive("bob", bob)  # labels_snapshot: modified
+    print(f"  (dev) DELETE keypoints/{keypoint}")
+    dev("DELETE", f"keypoints/{keypoint}")
+    receive("bob", bob)  # labels_snapshot: removed
 
     print(" carol leaves")
     carol.close()

@@ -22,6 +22,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
 from canary import asyncapi, protocol
+from canary.changes import Changes, Delta
 from canary.protocol import CLIENT_MESSAGES, VOCABULARIES, ClientMessage, Kind, ServerMessage, Vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,7 +262,8 @@ def test_field_types(doc: dict[str, Any]) -> None:
     assert (schemas["Members"]["type"], schemas["Members"]["items"]) == ("array", {"type": "string"})
     assert schemas["Role"]["enum"] == ["owner", "member"]
     assert schemas["ErrorCode"]["enum"] == list(protocol.ERROR_CODES)
-    named = {"time": "Time", "members": "Members", "role": "Role", "code": "ErrorCode"}
+    named = {"time": "Time", "members": "Members", "role": "Role", "code": "ErrorCode", "changes": "Changes",
+             "imageID": "ImageID", "images": "Images"}
     for channel in doc["channels"].values():
         for type_ in channel["messages"]:
             if type_ in CLIENT_MESSAGES:
@@ -294,7 +296,10 @@ def test_operations_receive_client_messages_and_send_the_vocabulary(doc: dict[st
 
 def sample_values(spec: ServerMessage) -> dict[str, Any]:
     """Values for every field but `time` (left to the spec's default, the real clock)."""
-    special: dict[str, Any] = {"members": ["ann", "bob"], "role": "owner", "code": protocol.ERROR_CODES[-1]}
+    special: dict[str, Any] = {"members": ["ann", "bob"], "role": "owner", "code": protocol.ERROR_CODES[-1],
+                               "images": {"ann": "img-1"},
+                               "changes": Delta(Changes({"kp-1": {"imageID": "img", "position": {"x": 1}}},
+                                                        {"kp-2": {"imageID": "img"}}, ("kp-3",)), 1 << 16)}
     return {name: special.get(name, f"{name}-1") for name in spec.fields if name != "time"}
 
 
@@ -311,7 +316,8 @@ def test_server_payload_schema_accepts_what_protocol_builds(doc: dict[str, Any],
             assert errors(check, {k: v for k, v in body.items() if k != name}), f"{name} missing was accepted"
         assert errors(check, {**body, "type": "something_else"})
         for name, bad in (("time", "yesterday"), ("role", "admin"), ("code", "oops"), ("members", "ann"),
-                          ("sessionID", 7)):
+                          ("sessionID", 7), ("changes", "everything"), ("changes", {"added": []}),
+                          ("imageID", 7), ("images", ["img-1"]), ("images", {"ann": 7})):
             if name in spec.fields:
                 assert errors(check, {**body, name: bad}), f"{name}={bad!r} was accepted"
 

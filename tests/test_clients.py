@@ -7,6 +7,7 @@ yield to the hub (`gevent.sleep`), so the writer greenlet can run.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import gevent.event
 import pytest
 
 from canary import protocol
+from canary.changes import Changes, Delta
 from canary.clients import Client
 from canary.protocol import Frame
 from canary.websocket import is_upgrade
@@ -92,11 +94,11 @@ def note(i: object) -> Frame:
 
 
 def labels(i: object) -> Frame:
-    return protocol.LABELS_SNAPSHOT(sessionID="s", time=str(i))
+    return protocol.LABELS_SNAPSHOT(sessionID="s", time=str(i), changes=None)
 
 
 def boxes(i: object) -> Frame:
-    return protocol.BOUNDING_BOXES_SNAPSHOT(sessionID="s", time=str(i))
+    return protocol.BOUNDING_BOXES_SNAPSHOT(sessionID="s", time=str(i), changes=None)
 
 
 MakeClient = Callable[..., tuple[Client, FakeConnection]]
@@ -210,6 +212,34 @@ def test_snapshots_coalesce_to_the_newest_and_keep_their_place(make_client: Make
     assert client.safe_enqueue(labels("after"))  # a sent snapshot frees its slot
     wait_until(lambda: len(conn.sent) == 6, "the next snapshot")
     assert conn.sent[-1] == labels("after").text
+
+
+def test_coalesced_snapshots_merge_their_changes_and_a_reset_replaces_them(make_client: MakeClient) -> None:
+    def snapshot(i: object, delta: Delta) -> Frame:
+        return protocol.LABELS_SNAPSHOT(sessionID="s", time=str(i), changes=delta)
+
+    client, conn = make_client()
+    first = block(client, conn)
+    added = snapshot(1, Delta(Changes({"a": {"n": 1}, "b": {"n": 1}}, {}, ()), 1000))
+    assert client.safe_enqueue(added)
+    assert client.safe_enqueue(snapshot(2, Delta(Changes({}, {"a": {"n": 2}}, ("b", "c")), 1000)))
+    conn.gate.set()
+    wait_until(lambda: len(conn.sent) == 2, "two frames")
+    merged = json.loads(conn.sent[1])
+    assert merged == {"type": "labels_snapshot", "sessionID": "s", "time": "2", "changes": {
+        "reset": False, "added": [{"id": "a", "data": {"n": 2}}], "modified": [], "removed": ["c"]}}
+    assert conn.sent[0] == first.text
+
+    conn.waiting.clear()
+    block(client, conn)
+    assert client.safe_enqueue(added)
+    reset = snapshot(3, Delta(Changes({"z": {"n": 0}}, {}, ()), 1000, reset=True))
+    assert client.safe_enqueue(reset)  # a new watch's first snapshot: what was pending is forgotten
+    big = snapshot(4, Delta(Changes({"y": {"text": "x" * 900}}, {}, ()), 1000))
+    assert client.safe_enqueue(big)  # merged, past the cap of 1000 bytes: null
+    conn.gate.set()
+    wait_until(lambda: len(conn.sent) == 4, "the merged frame")
+    assert json.loads(conn.sent[-1]) == {"type": "labels_snapshot", "sessionID": "s", "time": "4", "changes": None}
 
 
 def test_overflow_closes_with_1013(make_client: MakeClient) -> None:

@@ -70,6 +70,7 @@ def test_valid_values_are_read() -> None:
         ("SESSION_TOKEN_SECONDS", "0"), ("MAX_LOGIN_TOKEN_SECONDS", "-5"),
         ("WORKER_CONNECTIONS", "abc"), ("WORKER_CONNECTIONS", "0"),
         ("SESSION_WRITE_SECONDS", "-1"), ("SESSION_WRITE_SECONDS", "abc"), ("SESSION_WRITE_SECONDS", "inf"),
+        ("IMAGE_WRITE_SECONDS", "-1"), ("IMAGE_WRITE_SECONDS", "x"), ("IMAGE_WRITE_SECONDS", "inf"),
     ],
 )
 def test_numbers_are_checked(name: str, value: str) -> None:
@@ -82,6 +83,13 @@ def test_session_writes_are_paced_on_firestore_only_unless_told() -> None:
     assert Config.from_env({"CANARY_STORE": "memory"}).session_write_interval == 0.0
     assert Config.from_env({**firestore, "SESSION_WRITE_SECONDS": "0.25"}).session_write_interval == 0.25
     assert Config.from_env({**firestore, "SESSION_WRITE_SECONDS": "0"}).session_write_interval == 0.0
+
+
+def test_member_images_are_paced_on_both_stores_unless_told() -> None:
+    """The pace bounds the messages every other participant gets too, not only a document's writes."""
+    assert Config.from_env({"CANARY_STORE": "firestore", "GCP_PROJECT_ID": "p"}).image_write_seconds == 1.0
+    assert Config.from_env({"CANARY_STORE": "memory"}).image_write_seconds == 1.0
+    assert Config.from_env({"IMAGE_WRITE_SECONDS": "0"}).image_write_seconds == 0.0
 
 
 @pytest.mark.parametrize("value", ["55", "55.0", "120"])

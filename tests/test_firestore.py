@@ -173,7 +173,7 @@ def test_snapshot_callbacks_from_real_os_threads_reach_the_client(emulator: Emul
 
     def on_snapshot(_documents: object) -> None:
         threads.append(threading.current_thread())
-        client.safe_enqueue(LABELS_SNAPSHOT(sessionID="s"))
+        client.safe_enqueue(LABELS_SNAPSHOT(sessionID="s", changes=None))
 
     watch = store.watch_query(KEYPOINTS, "imageID", image, on_snapshot)
     try:

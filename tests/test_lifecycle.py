@@ -36,7 +36,7 @@ def test_create_welcomes_the_owner_and_writes_the_session(server: Server) -> Non
     project = server.doc("batches", batch)["projectID"]
     client = Client.connect(owner_url(server, batch, owner))
     welcome = client.welcome
-    assert set(welcome) == {"type", "sessionID", "batchID", "role", "time"}
+    assert set(welcome) == {"type", "sessionID", "batchID", "role", "images", "time"}
     assert welcome["type"] == "session_created"
     assert (welcome["batchID"], welcome["role"]) == (batch, "owner")
     sid = welcome["sessionID"]
@@ -169,7 +169,7 @@ def test_join_and_leave_are_announced_and_stored(server: Server) -> None:
 
     ann = Client.connect(join_url(server, sid, "ann"))
     assert ann.welcome == {"type": "session_joined", "sessionID": sid, "role": "member", "ownerID": owner,
-                           "members": ["ann"], "time": ann.welcome["time"]}
+                           "members": ["ann"], "images": {}, "time": ann.welcome["time"]}
     joined = host.recv()
     assert joined == {"type": "member_joined", "sessionID": sid, "memberID": "ann", "time": joined["time"]}
     doc = server.doc("sessions", sid)
@@ -250,7 +250,8 @@ def test_everything_returns_to_zero_after_everyone_leaves(server_factory) -> Non
                       what="22 watches")
     assert loaded["image_listeners"] == 6  # 3 images: their listeners are shared
     assert loaded["session_listeners"] == 1
-    assert loaded["store_watches"] == 8  # 6 images, the session document, its presences (it writes them)
+    # 6 images, the session document, its members' images, its presences (it writes them).
+    assert loaded["store_watches"] == 9
     assert loaded["participants"] == 11
     assert loaded["greenlets"] > base["greenlets"]
     for m in members[:5]:

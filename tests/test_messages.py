@@ -27,7 +27,8 @@ def _watch(client: Client, image: str) -> None:
     first = [client.recv(), client.recv()]
     assert sorted(m["type"] for m in first) == sorted(SNAPSHOTS)
     for m in first:
-        assert set(m) == {"type", "sessionID", "time"}
+        assert set(m) == {"type", "sessionID", "time", "changes"}
+        assert m["changes"] == {"reset": True, "added": [], "modified": [], "removed": []}  # a new image: none
 
 
 def test_ping_pong(server: Server) -> None:
@@ -46,15 +47,20 @@ def test_watches_notify_only_the_client_watching_the_image(server: Server) -> No
     _watch(ben, image_b)
     sid = host.welcome["sessionID"]
 
-    server.put("keypoints", unique("kp"), {"imageID": image_a, "keypointID": "k", "position": {"x": 1, "y": 2},
-                                           "boundingBoxID": "b", "keypointLabelID": "l"})
+    kp = {"imageID": image_a, "keypointID": "k", "position": {"x": 1, "y": 2}, "boundingBoxID": "b",
+          "keypointLabelID": "l"}
+    kp_id = unique("kp")
+    server.put("keypoints", kp_id, kp)
     labels = ann.recv()
-    assert labels == {"type": "labels_snapshot", "sessionID": sid, "time": labels["time"]}
-    server.put("boundingBoxes", unique("bb"), {"imageID": image_a, "boundingBoxID": "b",
-                                               "box": {"x": 0, "y": 0, "width": 1, "height": 1},
-                                               "boundingBoxLabelID": "l"})
+    assert labels == {"type": "labels_snapshot", "sessionID": sid, "time": labels["time"], "changes": {
+        "reset": False, "added": [{"id": kp_id, "data": kp}], "modified": [], "removed": []}}
+    bb = {"imageID": image_a, "boundingBoxID": "b", "box": {"x": 0, "y": 0, "width": 1, "height": 1},
+          "boundingBoxLabelID": "l"}
+    bb_id = unique("bb")
+    server.put("boundingBoxes", bb_id, bb)
     boxes = ann.recv()
-    assert boxes == {"type": "bounding_boxes_snapshot", "sessionID": sid, "time": boxes["time"]}
+    assert boxes == {"type": "bounding_boxes_snapshot", "sessionID": sid, "time": boxes["time"], "changes": {
+        "reset": False, "added": [{"id": bb_id, "data": bb}], "modified": [], "removed": []}}
     # Ben (other image) and the host (no image) got nothing: their next message is the pong.
     ben.roundtrip()
     host.roundtrip()
@@ -164,7 +170,8 @@ def test_no_listener_is_left_after_many_switches(server_factory) -> None:
     stats = server.stats()
     assert stats["image_watches"] == 2 * len(clients)
     assert stats["image_listeners"] == 2 * len(images)
-    assert stats["store_watches"] == stats["image_listeners"] + stats["session_listeners"] + stats["session_writers"]
+    assert stats["store_watches"] == stats["image_listeners"] + stats["session_listeners"] + \
+        stats["member_image_listeners"] + stats["session_writers"]
     for client in members:
         client.close()
     host.close()
@@ -182,7 +189,8 @@ def test_clients_watching_the_same_image_share_listeners(server_factory) -> None
     stats = server.stats()
     assert stats["image_watches"] == 100
     assert stats["image_listeners"] == 6
-    assert stats["store_watches"] == 6 + 1 + 1  # and one on the session document, one on its presences
+    # And one on the session document, one on its members' images, one on its presences.
+    assert stats["store_watches"] == 6 + 1 + 1 + 1
     # Every watcher of an image is told of its changes through the shared listener.
     server.put("keypoints", unique("kp"), {"imageID": images[1], "keypointID": "k"})
     for i, client in enumerate(clients):

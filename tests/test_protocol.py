@@ -50,7 +50,7 @@ def test_an_event_is_encoded_once_per_vocabulary_each_with_its_fields() -> None:
                                      "time": event.values["time"]}
     assert json.loads(webapp.text) == {"type": "member_joined", "sessionID": "s", "memberID": "ann",
                                        "memberEmail": "ann@example.com", "time": event.values["time"]}
-    snapshot = Event(Kind.KEY_POINTS, sessionID="s")
+    snapshot = Event(Kind.KEY_POINTS, sessionID="s", changes=None)
     assert (snapshot.frame(SEED).type, snapshot.frame(WEBAPP).type) == ("labels_snapshot", "key_points_snapshot")
     assert Event(Kind.SESSION_JOINED, sessionID="s", role="member", ownerID="o", members=[]).frame(WEBAPP) is None
 

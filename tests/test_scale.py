@@ -56,8 +56,9 @@ def crowd(server: Server, firestore_proxy: Proxy, clients: list[Client]) -> None
         got = {member.recv(timeout=60, skip=("keepalive", "member_joined"))["type"] for _ in range(2)}
         assert got == {"labels_snapshot", "bounding_boxes_snapshot"}
     stats = server.stats(watch=True)
-    # 600 image targets, and each session's presences (this process writes them all) and document.
-    assert (stats["query_targets"], stats["document_targets"], stats["streams"]) == (600 + SESSIONS, SESSIONS, 1)
+    # 600 image targets, and each session's presences (this process writes them all), members' images and
+    # document.
+    assert (stats["query_targets"], stats["document_targets"], stats["streams"]) == (600 + 2 * SESSIONS, SESSIONS, 1)
     assert stats["image_listeners"] == 600
     # One stream (a stream reopened after a failure may overlap its predecessor at the proxy for a moment).
     assert firestore_proxy.peak_streams("Listen") <= 1 + stats["stream_reopens"]

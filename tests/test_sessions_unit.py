@@ -161,7 +161,7 @@ def test_connect_welcomes_and_announces(manager: SessionManager) -> None:
     owner, owner_peer = connect(manager, manager.open_session("b1", "owner"))
     sid = owner.session_id
     assert owner_peer.messages == [{"type": "session_created", "sessionID": sid, "batchID": "b1",
-                                    "role": "owner", "time": owner_peer.messages[0]["time"]}]
+                                    "role": "owner", "images": {}, "time": owner_peer.messages[0]["time"]}]
     _, alice_peer = connect(manager, manager.join_session(sid, "alice"))
     welcome = alice_peer.messages[0]
     assert {k: welcome[k] for k in ("type", "sessionID", "role", "ownerID", "members")} == \
@@ -211,7 +211,7 @@ def test_owner_disconnect_closes_the_session(manager: SessionManager, store: Mem
     assert store.get(SESSIONS, owner.session_id) is None
     assert store.get(SESSION_LOCKS, "b1") is None
     assert manager.stats() == {"sessions": 0, "participants": 0, "image_watches": 0, "image_listeners": 0,
-                               "session_listeners": 0, "session_writers": 0}
+                               "session_listeners": 0, "member_image_listeners": 0, "session_writers": 0}
     assert store.watch_count() == 0
     assert "session_closed" not in owner_peer.types
 
@@ -341,7 +341,8 @@ def test_a_failing_watch_leaves_nothing_open() -> None:
     errors = [m for m in peer.messages if m["type"] == "error"]
     assert [e["code"] for e in errors] == ["watch_failed"]
     assert image_listeners(manager) == 0
-    assert store.watch_count() == 2  # the session document's listener, and its presences' (it writes it)
+    # The session document's listener, its member images', and its presences' (it writes it).
+    assert store.watch_count() == 3
     assert manager.stats()["image_watches"] == 0
     assert peer.closes == []
 

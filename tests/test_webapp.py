@@ -141,14 +141,15 @@ def test_owner_and_member_flow_create_join_watch_list_kick_stop(secured: Server)
     assert joined == {"type": "member_joined", "sessionID": sid, "memberID": ann.user,
                       "memberEmail": f"{ann.user}@example.com", "time": joined["time"]}
     ann_ws = ann.socket(sid, grant["token"], "member")
-    ann_ws.send({"type": "setImageID", "payload": {"imageID": unique("image")}})
+    image = unique("image")
+    ann_ws.send({"type": "setImageID", "payload": {"imageID": image}})
     assert sorted(ann_ws.recv()["type"] for _ in range(2)) == ["bounding_boxes_snapshot", "key_points_snapshot"]
     host.roundtrip()  # nothing else reached the owner (no second member_joined at the socket)
 
     (listed,) = owner.active(batchID=batch)
     assert listed["sessionID"] == sid
-    assert listed["members"] == [{"id": ann.user, "email": f"{ann.user}@example.com"}]
-    assert listed["owner"] == {"id": owner.user, "email": f"{owner.user}@example.com"}
+    assert listed["members"] == [{"id": ann.user, "email": f"{ann.user}@example.com", "imageID": image}]
+    assert listed["owner"] == {"id": owner.user, "email": f"{owner.user}@example.com", "imageID": None}
     assert listed["ownerConnected"] is True
     assert RFC3339_Z.match(listed["lastUpdated"])
     assert [s["sessionID"] for s in ann.active(batchID=batch)] == [sid]
