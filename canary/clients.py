@@ -50,24 +50,30 @@ class _Mailbox:
     queue has one reader, and its bound is counted in bytes by `Client`.
     """
 
-    __slots__ = ("_hub", "_items", "_waiter")
+    __slots__ = ("_hub", "_items", "_waiter", "_waiting")
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
         self._items: list[_Item] = []
-        self._waiter: Waiter | None = None
+        # One Waiter for the mailbox's life: it is only ever switched while the writer waits in it, so it
+        # never holds a value between two waits.
+        self._waiter = Waiter(hub)
+        self._waiting = False
 
     def put(self, item: _Item) -> None:
         self._items.append(item)
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            self._hub.loop.run_callback(waiter.switch, None)
+        if self._waiting:
+            self._waiting = False
+            self._hub.loop.run_callback(self._waiter.switch, None)
 
     def take(self) -> list[_Item]:
         """Everything queued, in order, waiting (in the writer's greenlet) until there is something."""
         while not self._items:
-            self._waiter = Waiter(self._hub)
-            self._waiter.get()
+            self._waiting = True
+            try:
+                self._waiter.get()
+            finally:
+                self._waiting = False
         items, self._items = self._items, []
         return items
 

@@ -33,8 +33,12 @@ def _copy(value: Any) -> Any:
     """A deep copy of JSON-like data (dicts, lists, immutable leaves): several times faster
     than `copy.deepcopy`, which matters for session documents with many members."""
     kind = type(value)
-    if kind is dict:  # leaves are taken as they are without a call: most values are strings
-        return {k: v if type(v) not in _NESTED else _copy(v) for k, v in value.items()}
+    if kind is dict:  # copied whole in C, then only its nested values again: most values are strings
+        copied = value.copy()
+        for k, v in copied.items():
+            if type(v) in _NESTED:
+                copied[k] = _copy(v)  # replacing a value, not adding a key: safe while iterating
+        return copied
     if kind is list:
         return [v if type(v) not in _NESTED else _copy(v) for v in value]
     return value
