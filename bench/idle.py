@@ -98,6 +98,7 @@ class Client:
         self.pings_sent = 0
         self.round_trips: list[float] = []
         self._sent_at: float | None = None
+        self.reader: asyncio.Task[None] | None = None
 
     def ping(self) -> None:
         if self._sent_at is None:  # one outstanding at a time
@@ -140,7 +141,9 @@ async def open_clients(server: Server, options: Any, batches: list[tuple[str, st
             message = await conn.message(options.timeout)
         if message.get("type") != welcome:
             raise BenchError(f"{path}: {message}")
-        clients.append(Client(conn))
+        client = Client(conn)
+        client.reader = asyncio.create_task(client.read())  # from now on: the service closes a non-reader (1013)
+        clients.append(client)
         return message
 
     async def session(n: int, size: int) -> None:
@@ -165,7 +168,7 @@ async def measure(server: Server, options: Any) -> dict[str, Any]:
     clients = await open_clients(server, options, batches)
     figures["connect_s"] = time.monotonic() - began
     figures["connect_cpu_ms"] = (cpu_seconds(pid) - cpu) / len(clients) * 1000
-    readers = [asyncio.create_task(c.read()) for c in clients]
+    readers = [c.reader for c in clients if c.reader is not None]
     print(f"    {len(clients)} clients connected in {figures['connect_s']:.1f} s "
           f"(worker CPU {figures['connect_cpu_ms']:.2f} ms per client)", flush=True)
     figures["rss_with"] = await asyncio.to_thread(settled_rss, pid, 10.0)
