@@ -2,7 +2,7 @@
 
 This module decides and the edges do the I/O: it talks to the store through
 `SessionRecords` and the `Store` interface and to clients through the `Peer`
-protocol (queue a frame, close), and imports neither Flask, gevent nor
+protocol (queue a frame, close; participants.py holds who is connected), and imports neither Flask, gevent nor
 Firestore, so every rule here can be unit-tested without sockets.
 
 Two APIs share these sessions (one core, two vocabularies at the edge): the
@@ -32,15 +32,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 from . import protocol
 from .budget import InboundBudget, InboundLimits, Verdict
 from .errors import Refusal
 from .member_images import MemberImages, images_of
-from .protocol import Event, Frame, Kind, ProtocolError, Vocabulary
+from .participants import ActiveSession, Admission, Grant, LiveSession, Participant, Passwords, Peer, broadcast
+from .protocol import Event, Kind, ProtocolError, Vocabulary
 from .records import MEMBER, OWNER, SessionRecords, SessionState
 from .store import (
     BATCHES,
@@ -52,7 +53,6 @@ from .store import (
     Document,
     Store,
     StoreError,
-    Watch,
     auto_id,
 )
 from .throttle import PasswordThrottle
@@ -63,169 +63,8 @@ log = logging.getLogger(__name__)
 __all__ = ["MEMBER", "OWNER", "Admission", "Participant", "Passwords", "Peer", "Refusal", "SessionManager"]
 
 
-class Peer(Protocol):
-    """What the session logic needs of a connected client."""
-
-    def safe_enqueue(self, frame: Frame) -> bool: ...
-
-    def close(self, code: int, reason: str) -> None: ...
-
-    def alive(self) -> bool:
-        """False once the connection is closed or closing (the peer may not have been read yet)."""
-        ...
-
-
-class Passwords(Protocol):
-    """Session passwords: stored as hashes (bcrypt), checked against them."""
-
-    def hash(self, password: str) -> str: ...
-
-    def verify(self, password: str, hashed: str) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Admission:
-    """A client the store has accepted, before its socket is upgraded."""
-
-    user_id: str
-    role: str
-    state: SessionState
-    #: The client address its connection counts against (`max_per_address`); None: not capped.
-    address: str | None = None
-
-    @property
-    def session_id(self) -> str:
-        return self.state.session_id
-
-    @property
-    def batch_id(self) -> str:
-        return self.state.batch_id
-
-    @property
-    def owner_id(self) -> str:
-        return self.state.owner_id
-
-    @property
-    def members(self) -> tuple[str, ...]:
-        return self.state.member_ids
-
-    @property
-    def connection(self) -> str:
-        """The connection this admission recorded in the user's presence."""
-        return self.state.connection
-
-
-class Grant(NamedTuple):
-    """A web-app join: the role the session token is for, and the session as it then stood."""
-
-    role: str
-    state: SessionState
-
-
-class ActiveSession(NamedTuple):
-    """A live session as `GET /sessions/active` lists it."""
-
-    session_id: str
-    doc: Data
-    owner_connected: bool
-    #: User ID → the image each connected participant looks at (those that look at none are left out).
-    images: dict[str, str] = {}  # noqa: RUF012 - a NamedTuple's default, never changed in place
-
-
-@dataclass(eq=False)
-class Participant:
-    """A connected client in a session (owner or member)."""
-
-    admission: Admission
-    peer: Peer
-    vocabulary: Vocabulary
-    budget: InboundBudget
-    watches: ImageWatches = field(init=False)
-    gone: bool = False  # its connection ended: it no longer holds the user's place
-    connected_at: datetime | None = None
-
-    @property
-    def user_id(self) -> str:
-        return self.admission.user_id
-
-    @property
-    def session_id(self) -> str:
-        return self.admission.session_id
-
-    @property
-    def is_owner(self) -> bool:
-        return self.admission.role == OWNER
-
-    def tell(self, event: Event) -> None:
-        """Queue `event` in this client's vocabulary (if it has a message for it)."""
-        frame = event.frame(self.vocabulary)
-        if frame is not None:
-            self.peer.safe_enqueue(frame)
-
-
-@dataclass(eq=False)
-class _LiveSession:
-    """What this process knows of a session it holds clients of."""
-
-    session_id: str
-    batch_id: str
-    owner_id: str
-    owner_email: str
-    known: dict[str, str]  # member ID -> e-mail, for the members whose arrival has been announced here
-    version: datetime
-    owner_away: bool
-    owner: Participant | None = None
-    members: dict[str, Participant] = field(default_factory=dict)
-    listener: Watch | None = None
-    #: User ID → the image this process last told its clients that participant looks at (member_images.py).
-    images: dict[str, str] = field(default_factory=dict)
-    images_listener: Watch | None = None
-
-    def local(self) -> list[Participant]:
-        return ([self.owner] if self.owner else []) + list(self.members.values())
-
-    def everyone_but(self, user_id: str) -> list[Participant]:
-        others = [p for uid, p in self.members.items() if uid != user_id]
-        if self.owner is not None and self.owner_id != user_id:
-            others.insert(0, self.owner)
-        return others
-
-    def local_members(self) -> list[Participant]:
-        return list(self.members.values())
-
-    def remove(self, participant: Participant) -> bool:
-        if self.owner is participant:
-            self.owner = None
-            return True
-        if self.members.get(participant.user_id) is participant:
-            del self.members[participant.user_id]
-            return True
-        return False
-
-    def member_event(self, kind: Kind, user_id: str) -> Event:
-        return Event(kind, sessionID=self.session_id, memberID=user_id, memberEmail=self.known.get(user_id, ""))
-
-    def owner_event(self, kind: Kind) -> Event:
-        return Event(kind, sessionID=self.session_id, ownerID=self.owner_id, ownerEmail=self.owner_email)
-
-    def image_event(self, user_id: str, image_id: str | None) -> Event:
-        email = self.owner_email if user_id == self.owner_id else self.known.get(user_id, "")
-        return Event(Kind.MEMBER_IMAGE, sessionID=self.session_id, memberID=user_id, memberEmail=email,
-                     imageID=image_id)
-
-    def images_for(self, user_id: str) -> dict[str, str]:
-        """The welcome's `images`: the other participants' (the owner and the members listed) that look at one."""
-        return {u: image for u, image in self.images.items()
-                if u != user_id and (u == self.owner_id or u in self.known)}
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _broadcast(recipients: list[Participant], event: Event) -> None:
-    for participant in recipients:
-        participant.tell(event)
 
 
 class SessionManager:
@@ -263,7 +102,7 @@ class SessionManager:
                                        spawn=defer or (lambda fn: fn()), commit_interval=commit_interval,
                                        settle_seconds=settle_seconds, lease_seconds=lease_seconds,
                                        monotonic=monotonic)
-        self._live: dict[str, _LiveSession] = {}
+        self._live: dict[str, LiveSession] = {}
         self._admitting: set[str] = set()  # connections admitted, not yet connected nor abandoned
         self._connections: dict[str, Participant] = {}
         self._listeners = SharedListeners(store, max_snapshot_changes_bytes)
@@ -539,14 +378,14 @@ class SessionManager:
                                    images=live.images_for(uid)))
             if live.owner_away:
                 live.owner_away = False
-                _broadcast(live.local_members(), live.owner_event(Kind.OWNER_JOINED))
+                broadcast(live.local_members(), live.owner_event(Kind.OWNER_JOINED))
         else:
             live.members[uid] = participant
             participant.tell(Event(Kind.SESSION_JOINED, sessionID=sid, role=MEMBER, ownerID=state.owner_id,
                                    members=list(state.member_ids), images=live.images_for(uid)))
             if uid not in live.known:
                 live.known[uid] = next((m.email for m in state.members if m.id == uid), "")
-                _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_JOINED, uid))
+                broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_JOINED, uid))
         self.run_pending()
         return participant
 
@@ -714,11 +553,11 @@ class SessionManager:
         }
 
     # -- following a session -------------------------------------------------------
-    def _live_session(self, state: SessionState) -> _LiveSession:
+    def _live_session(self, state: SessionState) -> LiveSession:
         live = self._live.get(state.session_id)
         if live is not None:
             return live
-        live = _LiveSession(state.session_id, state.batch_id, state.owner_id, state.owner.email,
+        live = LiveSession(state.session_id, state.batch_id, state.owner_id, state.owner.email,
                             {m.id: m.email for m in state.members}, state.version, state.owner_away)
         self._live[state.session_id] = live
         try:
@@ -731,7 +570,7 @@ class SessionManager:
         return live
 
     # -- the images the participants look at (member_images.py) ----------------------------------
-    def _follow_images(self, live: _LiveSession) -> None:
+    def _follow_images(self, live: LiveSession) -> None:
         """Follow the session's member-image documents: read once now (what welcomes tell), then their changes."""
         sid = live.session_id
         try:
@@ -744,7 +583,7 @@ class SessionManager:
         if self._live.get(sid) is not live:  # it ended meanwhile
             self._unfollow(live)
 
-    def _on_images(self, live: _LiveSession, docs: list[Document], announce: bool = True) -> None:
+    def _on_images(self, live: LiveSession, docs: list[Document], announce: bool = True) -> None:
         """A snapshot of the session's member-image documents: each participant whose image differs from what
         this process told is announced to its clients. Those this process holds are told by it when it writes
         them (`_announce_image`), never from the store (a late snapshot of its own write is not news)."""
@@ -767,20 +606,20 @@ class SessionManager:
         if live is not None and live.images.get(user_id) != image_id:
             self._told(live, user_id, image_id, True)
 
-    def _told(self, live: _LiveSession, user_id: str, image_id: str | None, announce: bool) -> None:
+    def _told(self, live: LiveSession, user_id: str, image_id: str | None, announce: bool) -> None:
         if image_id is None:
             live.images.pop(user_id, None)
         else:
             live.images[user_id] = image_id
         if announce:
-            _broadcast(live.everyone_but(user_id), live.image_event(user_id, image_id))
+            broadcast(live.everyone_but(user_id), live.image_event(user_id, image_id))
 
-    def _on_snapshot(self, live: _LiveSession, doc: Data | None) -> None:
+    def _on_snapshot(self, live: LiveSession, doc: Data | None) -> None:
         if self._live.get(live.session_id) is not live:
             return  # no longer followed
         self._apply(live, doc)
 
-    def _apply(self, live: _LiveSession, doc: Data | None) -> None:
+    def _apply(self, live: LiveSession, doc: Data | None) -> None:
         if self._live.get(live.session_id) is not live:
             return
         if doc is None:
@@ -795,25 +634,25 @@ class SessionManager:
         for uid, email in members.items():
             if uid not in live.known:
                 live.known[uid] = email
-                _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_JOINED, uid))
+                broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_JOINED, uid))
         for uid in [u for u in live.known if u not in members]:
             kicked = live.members.get(uid)
             if kicked is not None:  # connected here and no longer listed: the owner removed it
                 self._kick_here(live, kicked)
-            _broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_LEFT, uid))
+            broadcast(live.everyone_but(uid), live.member_event(Kind.MEMBER_LEFT, uid))
             del live.known[uid]
         away = doc.get("ownerLeftAt") is not None and live.owner is None
         if away != live.owner_away:
             live.owner_away = away
-            _broadcast(live.local_members(), live.owner_event(Kind.OWNER_LEFT if away else Kind.OWNER_JOINED))
+            broadcast(live.local_members(), live.owner_event(Kind.OWNER_LEFT if away else Kind.OWNER_JOINED))
 
-    def _kick_here(self, live: _LiveSession, participant: Participant) -> None:
+    def _kick_here(self, live: LiveSession, participant: Participant) -> None:
         live.remove(participant)
         participant.watches.stop()
         participant.tell(Event(Kind.MEMBER_KICKED, sessionID=live.session_id))
         participant.peer.close(protocol.CLOSE_MEMBER_KICKED, "member removed")
 
-    def _end_here(self, live: _LiveSession) -> None:
+    def _end_here(self, live: LiveSession) -> None:
         """The session document is gone (the session ended, here or on another process)."""
         self._unfollow(live)
         self._records.session_gone(live.session_id)
@@ -823,7 +662,7 @@ class SessionManager:
             participant.tell(event)
             participant.peer.close(protocol.CLOSE_SESSION_CLOSED, "session closed")
 
-    def _unfollow(self, live: _LiveSession) -> None:
+    def _unfollow(self, live: LiveSession) -> None:
         if self._live.get(live.session_id) is live:
             del self._live[live.session_id]
         for listener in (live.listener, live.images_listener):
@@ -831,6 +670,6 @@ class SessionManager:
                 listener.stop()
         live.listener = live.images_listener = None
 
-    def _forget_if_empty(self, live: _LiveSession) -> None:
+    def _forget_if_empty(self, live: LiveSession) -> None:
         if not live.local():
             self._unfollow(live)
