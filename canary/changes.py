@@ -157,7 +157,7 @@ class Delta(Coalescible):
         if newer.reset:
             return newer
         if self.changes is None or newer.changes is None:  # merging with a null is null
-            return self if self.changes is None and self.limit == newer.limit else Delta(None, newer.limit)
+            return newer if newer.changes is None else Delta(None, newer.limit)
         return Delta(merge(self.changes, newer.changes), newer.limit, self.reset)
 
     def __repr__(self) -> str:

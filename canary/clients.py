@@ -192,7 +192,7 @@ class Client:
             pending = self._pending.get(frame.type)
             if pending is None:
                 self._queue.put(frame.type)
-            elif frame.changes is not None:  # a slow client: one message says what both did
+            else:  # a slow client: one message says what both did
                 frame = coalesce(pending, frame)
             self._pending[frame.type] = frame
             return True

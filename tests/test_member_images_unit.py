@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from test_processes_unit import Peer as ProcessPeer
 
 from canary.member_images import IMAGE_TTL, MemberImages, image_in, image_key, next_write_at
 from canary.memory_store import MemoryStore
-from canary.protocol import Frame
 from canary.sessions import Participant, SessionManager
 from canary.store import MEMBER_IMAGES, PROCESSES, StoreError, T, Transaction
 
@@ -248,21 +248,7 @@ def test_what_a_document_says() -> None:
 
 # -- two processes on one store -----------------------------------------------------------------------
 
-class Peer:
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-        self.closes: list[int] = []
-
-    def safe_enqueue(self, frame: Frame) -> bool:
-        self.frames.append(json.loads(frame.text))
-        return True
-
-    def close(self, code: int, reason: str) -> None:
-        self.closes.append(code)
-
-    def alive(self) -> bool:
-        return not self.closes
-
+class Peer(ProcessPeer):
     def images(self) -> list[tuple[str, str | None]]:
         """(memberID, imageID) of the member_image messages since the last call."""
         taken = [(f["memberID"], f["imageID"]) for f in self.frames if f["type"] == "member_image"]
